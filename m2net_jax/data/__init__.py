@@ -1,0 +1,10 @@
+"""Datasets of M²Net: TFDS builders (registered on import) and the grain input pipeline.
+
+Importing this package registers the builders with TFDS, so ``tfds.builder('geo_twins')`` and
+`m2net_jax.data.pipeline` find them.
+"""
+
+from m2net_jax.data import (
+    geo_twins,  # noqa: F401  (registers the `geo_twins` builder)
+    landmarks,  # noqa: F401  (registers `landmark420`, `landmark732`)
+)

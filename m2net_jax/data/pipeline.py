@@ -1,0 +1,458 @@
+"""The grain input pipeline: TFDS array_record files -> per-process batches of numpy arrays.
+
+DESIGN.md §3 "Pipeline". One chain for every dataset (geo_twins, landmark420, landmark732):
+
+    tfds data source -> grain.MapDataset -> index each example -> shard by JAX process
+      train: shuffle (seeded, reshuffled every epoch) -> repeat forever -> decode
+             -> random resized crop -> horizontal flip
+      eval:  pad the shard to a whole number of batches -> decode -> resize + centre crop
+    -> half-resolution policy image -> model inputs -> batch -> worker processes + prefetch
+
+A batch is the *per-process* share of the global batch, as host-local numpy arrays:
+
+    image         (B, S, S, 3)      float32 in [0, 1]  the recognizer's photo
+    policy_image  (B, S/2, S/2, 3)  float32 in [0, 1]  the same crop, 2x2-averaged (§3.3)
+    location      (B, 8)            float32            raw DMS vectors (§3.1)
+    label         (B,)              int32
+    mask          (B,)              bool               False on eval padding
+    index         (B,)              int32              the example's position in its split
+
+(B here is the per-process batch; `train.py` turns these into global arrays in one place.)
+Batches are formed before the iterator, in the MapDataset, so their content does not depend on
+the number of worker processes. The iterator is a `grain.DatasetIterator`: `get_state()` /
+`set_state()` and `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) resume it
+exactly where it stopped.
+"""
+
+import dataclasses
+import io
+import math
+import os
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import flags
+from PIL import Image
+
+from m2net_jax.data import geo_twins
+
+# Datasets that build themselves (no downloads, seconds); the others need a manual download.
+PROCEDURAL_DATASETS = ("geo_twins",)
+
+
+class DatasetNotBuiltError(FileNotFoundError):
+    """The requested TFDS dataset has not been generated in the data directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What the model and the training loop need to know about a built dataset.
+
+    Attributes:
+      name: TFDS name with config, e.g. ``geo_twins/32px`` or ``landmark420``.
+      data_dir: the TFDS data directory it was found in.
+      num_classes: K.
+      class_names: the K class names, in label order.
+      num_examples: examples per split, e.g. ``{'train': 5120, 'test': 1600}``.
+      image_size: stored photo side in pixels, or None when photos have varying sizes.
+    """
+
+    name: str
+    data_dir: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    num_examples: dict[str, int]
+    image_size: int | None
+
+
+def _dataset_family(dataset: str) -> str:
+    return dataset.split("/")[0].split(":")[0]
+
+
+def build_command(dataset: str, *, data_dir: str | None = None) -> str:
+    """The shell command that generates `dataset` (quoted in errors)."""
+    command = f"python -m m2net_jax.data.build --dataset={dataset}"
+    if data_dir is not None:
+        command += f" --data_dir={data_dir}"
+    if _dataset_family(dataset) not in PROCEDURAL_DATASETS:
+        command += " --manual_dir=<your GLDv2 directory>"
+    return command
+
+
+def _builder(dataset: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f"Unknown dataset {dataset!r}: m2net_jax provides geo_twins[/<config>], landmark420 "
+            "and landmark732 (import m2net_jax.data to register them)."
+        ) from error
+
+
+def _not_built(dataset: str, builder: tfds.core.DatasetBuilder, data_dir: str | None):
+    message = (
+        f"Dataset {dataset!r} is not built in {builder.data_dir_root}. Build it with: "
+        f"{build_command(dataset, data_dir=data_dir)}"
+    )
+    if _dataset_family(dataset) in PROCEDURAL_DATASETS:
+        message += " (the main training job builds geo_twins automatically when it is missing)."
+    return DatasetNotBuiltError(message)
+
+
+def dataset_info(dataset: str, *, data_dir: str | None = None) -> DatasetSpec:
+    """Reads the class count, split sizes and image size of a built dataset.
+
+    Args:
+      dataset: TFDS name, optionally with config: ``geo_twins``, ``geo_twins/64px``,
+        ``landmark420``, ...
+      data_dir: TFDS data directory; None means TFDS's default.
+
+    Raises:
+      DatasetNotBuiltError: the dataset is not generated there; the message gives the command
+        that builds it.
+      ValueError: no such dataset.
+    """
+    builder = _builder(dataset, data_dir)
+    if not builder.is_prepared():
+        raise _not_built(dataset, builder, data_dir)
+    info = builder.info
+    config = builder.builder_config
+    label = info.features["label"]
+    return DatasetSpec(
+        name=f"{builder.name}/{config.name}" if config else builder.name,
+        data_dir=str(builder.data_dir_root),
+        num_classes=label.num_classes,
+        class_names=tuple(label.names),
+        num_examples={name: split.num_examples for name, split in info.splits.items()},
+        image_size=info.features["image"].shape[0],
+    )
+
+
+def ensure_built(
+    dataset: str, *, data_dir: str | None = None, build_if_missing: bool = False
+) -> DatasetSpec:
+    """Returns the dataset's spec, first generating it if allowed and possible.
+
+    Only procedural datasets (geo_twins) can be built here; the GLDv2 subsets need their manual
+    download and raise the error with the build command. In a multi-process job build before
+    starting the processes, or on each process into a process-local `data_dir` (geo_twins is
+    deterministic, so every process writes the same files).
+    """
+    builder = _builder(dataset, data_dir)
+    if not builder.is_prepared():
+        if not (build_if_missing and _dataset_family(dataset) in PROCEDURAL_DATASETS):
+            raise _not_built(dataset, builder, data_dir)
+        geo_twins.build(dataset, data_dir=data_dir)
+    return dataset_info(dataset, data_dir=data_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms: one job each, on host-local numpy dicts.
+
+
+@dataclasses.dataclass(frozen=True)
+class AddIndex(grain.transforms.MapWithIndex):
+    """Records each example's position in its split as `index` (sharding checks, per-example
+    evaluation output). Applied to the source, before sharding and shuffling."""
+
+    num_examples: int
+
+    def map_with_index(self, index, element):
+        # Downstream `repeat` reads past the end and MapDatasets wrap around, so a later
+        # epoch asks for index + epoch * num_examples.
+        return {**element, "index": index % self.num_examples}
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkPadding(grain.transforms.Map):
+    """Marks an example as eval padding: it fills a batch but must not be counted."""
+
+    def map(self, element):
+        return {**element, "mask": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImage(grain.transforms.Map):
+    """Encoded image bytes (PNG/JPEG) -> (H, W, 3) uint8 RGB."""
+
+    def map(self, element):
+        with Image.open(io.BytesIO(element["image"])) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        return {**element, "image": pixels}
+
+
+def _resize_box(pixels: np.ndarray, box, size: int) -> np.ndarray:
+    """Resamples the region `box` (left, top, right, bottom; float pixels) to (size, size)."""
+    # PIL widens the bilinear kernel when shrinking, so downscaling is anti-aliased.
+    image = Image.fromarray(pixels)
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop(grain.transforms.RandomMap):
+    """Inception-style crop: a random region of `scale` of the area and `ratio` aspect, resized
+    to (size, size); after 10 failed draws, the largest centred square."""
+
+    size: int
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def random_map(self, element, rng: np.random.Generator):
+        pixels = element["image"]
+        height, width = pixels.shape[:2]
+        log_ratio = np.log(self.ratio)
+        for _ in range(10):
+            area = height * width * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = math.sqrt(area * aspect), math.sqrt(area / aspect)
+            if w <= width and h <= height:
+                left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+                box = (left, top, left + w, top + h)
+                break
+        else:
+            side = min(height, width)
+            box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        return {**element, "image": _resize_box(pixels, box, self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlip(grain.transforms.RandomMap):
+    """Mirrors the photo left-right with probability 1/2."""
+
+    def random_map(self, element, rng: np.random.Generator):
+        if rng.random() < 0.5:
+            return {**element, "image": element["image"][:, ::-1]}
+        return element
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeCentreCrop(grain.transforms.Map):
+    """The centred square of `crop_fraction` of the shorter side, resized to (size, size)."""
+
+    size: int
+    crop_fraction: float = 1.0
+
+    def map(self, element):
+        pixels = element["image"]
+        height, width = pixels.shape[:2]
+        side = min(height, width) * self.crop_fraction
+        box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+        return {**element, "image": _resize_box(pixels, box, self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AddPolicyImage(grain.transforms.Map):
+    """The policy network's photo: the recognizer's crop at half resolution (§3.3, Table 2),
+    by 2x2 averaging, so both networks see the same content. float32 in [0, 255]."""
+
+    def map(self, element):
+        pixels = element["image"].astype(np.float32)
+        h, w, c = pixels.shape
+        policy = pixels.reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3))
+        return {**element, "policy_image": policy}
+
+
+@dataclasses.dataclass(frozen=True)
+class ToModelInputs(grain.transforms.Map):
+    """Keeps what the models and metrics read, as the dtypes they expect; pixels to [0, 1]."""
+
+    def map(self, element):
+        return {
+            "image": element["image"].astype(np.float32) / 255.0,
+            "policy_image": element["policy_image"].astype(np.float32) / 255.0,
+            "location": np.asarray(element["location"], np.float32),
+            "label": np.int32(element["label"]),
+            "mask": np.bool_(element.get("mask", True)),
+            "index": np.int32(element["index"]),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets and iterators.
+
+
+def _source_dataset(dataset: str, split: str, data_dir: str | None) -> grain.MapDataset:
+    builder = _builder(dataset, data_dir)
+    if not builder.is_prepared():
+        raise _not_built(dataset, builder, data_dir)
+    # Images stay encoded here and are decoded by `DecodeImage` (PIL), in the worker processes.
+    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    return grain.MapDataset.source(source).map_with_index(AddIndex(num_examples=len(source)))
+
+
+def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+    return shard_index, shard_count
+
+
+def _check_sizes(*, image_size: int, batch_size: int) -> None:
+    if image_size < 2 or image_size % 2:
+        raise ValueError(f"image_size={image_size} must be even (the policy image is half).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive.")
+
+
+def train_dataset(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    crop_scale: tuple[float, float] = (0.35, 1.0),
+) -> grain.MapDataset:
+    """The infinite training MapDataset of this process's batches (see `make_train_iterator`)."""
+    _check_sizes(image_size=image_size, batch_size=batch_size)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    ds = _source_dataset(dataset, split, data_dir)
+    # Each process owns a fixed strided shard; the shuffle before `repeat` is reseeded every
+    # epoch, so an epoch is a permutation of the shard and epochs differ.
+    ds = ds[shard_index::shard_count]
+    # Each process draws its own shuffles and crops (not the same draws on different photos).
+    process_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+    ds = ds.seed(process_seed).shuffle().repeat()
+    ds = ds.map(DecodeImage())
+    ds = ds.random_map(RandomResizedCrop(size=image_size, scale=crop_scale))
+    ds = ds.random_map(RandomFlip())
+    ds = ds.map(AddPolicyImage())
+    ds = ds.map(ToModelInputs())
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def eval_dataset(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    image_size: int,
+    batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    crop_fraction: float = 1.0,
+) -> grain.MapDataset:
+    """One pass over this process's shard, padded to whole batches (see `make_eval_iterator`)."""
+    _check_sizes(image_size=image_size, batch_size=batch_size)
+    shard_index, shard_count = _shard(shard_index, shard_count)
+    full = _source_dataset(dataset, split, data_dir)
+    # Every process runs the same number of batches (a multi-host jitted step needs all
+    # processes), so shards are padded to the batch count of the largest shard.
+    num_batches = math.ceil(math.ceil(len(full) / shard_count) / batch_size)
+    ds = full[shard_index::shard_count]
+    padding = num_batches * batch_size - len(ds)
+    if padding:
+        filler = full[:1].repeat(padding).map(MarkPadding())
+        ds = grain.MapDataset.concatenate([ds, filler])
+    ds = ds.map(DecodeImage())
+    ds = ds.map(ResizeCentreCrop(size=image_size, crop_fraction=crop_fraction))
+    ds = ds.map(AddPolicyImage())
+    ds = ds.map(ToModelInputs())
+    return ds.batch(batch_size)
+
+
+def _iterate(
+    ds: grain.MapDataset, *, worker_count: int, prefetch_buffer_size: int
+) -> grain.DatasetIterator:
+    # Elements are whole batches here, so the buffer is counted in batches.
+    threads = min(prefetch_buffer_size, os.cpu_count() or 1)
+    read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch_buffer_size)
+    it_ds = ds.to_iter_dataset(read_options)
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain's worker processes read its absl flags; outside `app.run` (notebooks,
+            # pytest) nothing parsed them, so take their defaults.
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=max(1, prefetch_buffer_size)
+            )
+        )
+    return iter(it_ds)
+
+
+def make_train_iterator(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    prefetch_buffer_size: int = 2,
+    crop_scale: tuple[float, float] = (0.35, 1.0),
+) -> grain.DatasetIterator:
+    """An endless iterator of this process's training batches.
+
+    Args:
+      dataset: TFDS name, e.g. ``geo_twins`` or ``landmark420`` (must be built).
+      data_dir: TFDS data directory; None means TFDS's default.
+      split: TFDS split (slicing like ``train[:90%]`` works).
+      image_size: S, the recognizer's resolution (even; the policy image is S/2).
+      batch_size: B, this process's share of the global batch.
+      seed: seeds the shuffle (reshuffled every epoch) and the augmentation.
+      shard_index, shard_count: this process's shard; default `jax.process_index()` and
+        `jax.process_count()`.
+      worker_count: grain worker processes (0: threads in this process only).
+      prefetch_buffer_size: batches prepared ahead (per worker when `worker_count` > 0).
+      crop_scale: area fraction range of the random resized crop.
+
+    Returns:
+      A `grain.DatasetIterator` of dicts as in the module docstring (``mask`` all True). Its
+      `get_state()`/`set_state()` (and Orbax's `grain.checkpoint.CheckpointSave/Restore`)
+      resume exactly: a restored iterator yields the batches the original would have.
+    """
+    ds = train_dataset(
+        dataset,
+        data_dir=data_dir,
+        split=split,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        crop_scale=crop_scale,
+    )
+    return _iterate(ds, worker_count=worker_count, prefetch_buffer_size=prefetch_buffer_size)
+
+
+def make_eval_iterator(
+    dataset: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    image_size: int,
+    batch_size: int,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    prefetch_buffer_size: int = 2,
+    crop_fraction: float = 1.0,
+) -> grain.DatasetIterator:
+    """One pass over this process's shard of `split`, resized and centre-cropped.
+
+    Every example of the split appears in exactly one process's batches with ``mask`` True;
+    the last batches are padded (``mask`` False) so that all processes yield the same number
+    of full batches of `batch_size`. Arguments as in `make_train_iterator`; `crop_fraction`
+    is the centred square's side as a fraction of the shorter side (1.0: the whole square).
+    """
+    ds = eval_dataset(
+        dataset,
+        data_dir=data_dir,
+        split=split,
+        image_size=image_size,
+        batch_size=batch_size,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        crop_fraction=crop_fraction,
+    )
+    return _iterate(ds, worker_count=worker_count, prefetch_buffer_size=prefetch_buffer_size)
