@@ -1,0 +1,17 @@
+"""ResNet-65 M²Net (21 droppable bottleneck blocks).
+
+# Landmark-420 (build it first: README, "Landmark-420/732"); days on one GPU:
+python -m m2net_jax.main --config=configs/r65.py --workdir=/tmp/r65_l420
+# Landmark-732:
+python -m m2net_jax.main --config=configs/r65.py:landmark732 --workdir=/tmp/r65_l732
+# The same architecture on the embedded geo_twins set (32 px), on a CPU:
+python -m m2net_jax.main --config=configs/r65.py:geo_twins --workdir=/tmp/r65_twins
+"""
+
+from configs import base
+
+
+def get_config(variant="landmark420"):
+    c = base.get_config()
+    c.recognizer.depth = 65
+    return base.apply_variant(c, variant)

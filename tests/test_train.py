@@ -1,0 +1,199 @@
+"""The training loop: stages, checkpoints, resume, device-count invariance, main's errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base as base_config
+from configs import quickstart, r47
+from m2net_jax import evaluate, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(data_dir, **stage_epochs):
+    """A seconds-long config: ResNet-29 of width 8 on the tiny geo_twins build."""
+    c = r47.get_config("smoke")
+    c.recognizer.depth = 29
+    c.data.data_dir = data_dir
+    for stage, epochs in stage_epochs.items():
+        c.stages[stage].epochs = epochs
+    return c
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step):
+    def on_step(done):
+        if done == step:
+            raise Interrupt(f"interrupted after step {step}")
+
+    return on_step
+
+
+def run_stage(config, workdir, stage, *, mesh=None, init=None, on_step=None):
+    mesh = train.make_mesh() if mesh is None else mesh
+    info_classes = _num_classes(config)
+    models = train.create_models(config, info_classes)
+    if init is None:
+        init = train.replicate(
+            train.init_variables(models, jax.random.PRNGKey(0), config.data.image_size), mesh
+        )
+    writer = _NullWriter()
+    return train.train_stage(
+        stage, config, workdir, models=models, init_variables_=init, mesh=mesh,
+        writer=writer, on_step=on_step,
+    )  # fmt: skip
+
+
+def _num_classes(config):
+    from m2net_jax.data import pipeline
+
+    return pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir).num_classes
+
+
+class _NullWriter:
+    def write_scalars(self, step, scalars):
+        del step, scalars
+
+    def write_hparams(self, hparams):
+        del hparams
+
+    def flush(self):
+        pass
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def test_all_stages_train_checkpoint_evaluate_and_eval_mode_reproduces(smoke_data_dir, tmp_path):
+    config = smoke_config(smoke_data_dir)
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
+
+    assert set(results) == {"pretrain", "policy", "finetune"}
+    for stage in train.STAGES:
+        assert os.listdir(os.path.join(workdir, "checkpoints", stage)), stage
+        assert set(evaluate.RESULT_KEYS) <= set(results[stage])
+    with open(os.path.join(workdir, "results.json")) as f:
+        written = json.load(f)
+    assert list(written) == ["pretrain", "policy", "finetune"]
+    # The pretrained recognizer runs every block; the policy stages decide with the policy.
+    assert results["pretrain"]["pr"] == 1.0 and results["pretrain"]["diversity"] == 1
+    n = 9
+    for stage in ("policy", "finetune"):
+        r = results[stage]
+        assert 0.0 <= r["pr"] <= 1.0
+        assert r["blocks_mean"] == pytest.approx(r["pr"] * n)
+        assert r["full_flops"] > 0 and r["flops_mean"] > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+    eval_config = smoke_config(smoke_data_dir)
+    eval_config.mode = "eval"
+    again = evaluate.evaluate_workdir(eval_config, workdir)
+    for stage in train.STAGES:
+        assert again[stage]["accuracy"] == results[stage]["accuracy"]
+        assert again[stage]["diversity"] == results[stage]["diversity"]
+        assert again[stage]["num_examples"] == results[stage]["num_examples"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "policy"])
+def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_run(
+    smoke_data_dir, tmp_path, stage
+):
+    config = smoke_config(smoke_data_dir, **{stage: 2})
+    full = run_stage(config, str(tmp_path / "full"), stage)
+
+    workdir = str(tmp_path / "interrupted")
+    # Checkpoints every 2 steps; interrupt after step 5, so step 5 is lost and redone.
+    with pytest.raises(Interrupt):
+        run_stage(config, workdir, stage, on_step=interrupt_at(5))
+    mngr = train.checkpoint_manager(workdir, stage, config, read_only=True)
+    assert mngr.latest_step() == 4
+    mngr.close()
+    seen = []
+    resumed = run_stage(config, workdir, stage, on_step=seen.append)
+    assert seen[0] == 5  # It continued at the step after the checkpoint.
+    assert resumed.steps == full.steps == seen[-1]
+    for a, b in zip(_leaves(resumed.variables), _leaves(full.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "policy"])
+def test_four_devices_and_one_device_give_the_same_training(smoke_data_dir, tmp_path, stage):
+    config = smoke_config(smoke_data_dir, **{stage: 1})
+    config.checkpoint.save_interval_steps = 1000
+    devices = jax.devices()
+    assert len(devices) == 4
+    one = run_stage(config, str(tmp_path / "one"), stage, mesh=train.make_mesh(devices[:1]))
+    four = run_stage(config, str(tmp_path / "four"), stage, mesh=train.make_mesh(devices))
+    for a, b in zip(_leaves(one.variables), _leaves(four.variables), strict=True):
+        # Reductions over 1 vs 4 shards add in different orders; SGD amplifies that a little.
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_parse_stages_validates_and_orders():
+    assert train.parse_stages("finetune, pretrain") == ("pretrain", "finetune")
+    with pytest.raises(ValueError, match="unknown stages"):
+        train.parse_stages("pretrain,polcy")
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(smoke_data_dir):
+    config = smoke_config(smoke_data_dir)
+    config.stages.pretrain.batch_size = 6
+    with pytest.raises(ValueError, match="divisible by the device count"):
+        train.stage_steps_per_epoch("pretrain", config, train.make_mesh())
+
+
+def test_configs_are_locked_and_complete():
+    c = quickstart.get_config()
+    with pytest.raises(AttributeError):
+        c.data.datset = "x"  # A typo is an error, not a new key.
+    for variant in ("landmark420", "landmark732", "geo_twins", "smoke"):
+        v = r47.get_config(variant)
+        assert v.recognizer.depth == 47
+    with pytest.raises(ValueError, match="Unknown config variant"):
+        base_config.apply_variant(base_config.get_config(), "landmark999")
+
+
+def _main(args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "m2net_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        check=False,
+    )
+
+
+def test_main_rejects_a_typo_in_a_config_override(tmp_path):
+    proc = _main(
+        ["--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.data.datset=x"]
+    )
+    assert proc.returncode != 0
+    assert "datset" in proc.stderr
+
+
+def test_main_without_landmark420_exits_with_build_instructions(tmp_path):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    proc = _main(
+        [
+            "--config=configs/r47.py",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.data.data_dir={empty}",
+        ]
+    )
+    assert proc.returncode != 0
+    assert "python -m m2net_jax.data.build --dataset=landmark420" in proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
