@@ -21,6 +21,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.mode = "train"  # 'train': run `stages.run` then evaluate them; 'eval': evaluate a workdir.
     c.seed = 0
+    # A step with a non-finite loss or gradient never changes the state; then 'stop' the run
+    # (the newest checkpoint is the last good one) or 'skip' the step and go on.
+    c.on_nonfinite = "stop"
 
     # Data: a TFDS name (with optional '/config'), built into `data_dir` (TFDS default if unset).
     c.data = ml_collections.ConfigDict()
@@ -36,7 +39,8 @@ def get_config():
     c.recognizer.depth = 47  # 29, 47 or 65: 9, 15 or 21 droppable bottleneck blocks.
     c.recognizer.width = 64
     c.recognizer.stem = "small"  # 'imagenet' (7x7/2 + max-pool) for >= 112 px, 'small' (3x3/1).
-    c.recognizer.conv_type = "standard"
+    c.recognizer.conv_type = "standard"  # Or a compact backbone (models.CONV_TYPES), §4.4.
+    c.recognizer.geo_conditioning = False  # M²Net+: the location also conditions the recognizer.
 
     # Policy network (§3.3, Tables 1-2).
     c.policy = ml_collections.ConfigDict()

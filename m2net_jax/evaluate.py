@@ -65,6 +65,7 @@ def predict_step(variables, batch, *, models: train.Models, use_policy: bool):
         batch["image"],
         policy,
         train=False,
+        **train.location_kwargs(rec, batch["location"]),
     )
     return {"correct": jnp.argmax(logits, -1) == batch["label"], "policy": policy > 0.5}
 
@@ -93,7 +94,7 @@ def evaluate_variables(
     """
     use_policy = train.STAGE_SPECS[stage].uses_policy
     global_batch = config.eval.batch_size
-    train._check_batch(global_batch, mesh, "config.eval.batch_size")  # noqa: SLF001
+    train.check_batch(global_batch, mesh, "config.eval.batch_size")
     step = make_predict_step(models, mesh, use_policy=use_policy)
     it = pipeline.make_eval_iterator(
         config.data.dataset,

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,9 +34,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from m2net_jax import checkpoint as ckpt
 from m2net_jax import policy_gradient as pg
 from m2net_jax.data import pipeline
 from m2net_jax.models import PolicyNetwork, Recognizer
@@ -52,14 +56,21 @@ class StageSpec:
     """What distinguishes one stage of the schedule from another."""
 
     name: str
-    trains: tuple[str, ...]  # Which networks ('recognizer', 'policy') the optimizer updates.
-    uses_policy: bool  # Whether blocks are chosen by the policy network (else all run).
+    networks: tuple[str, ...]  # Which networks ('recognizer', 'policy') the stage runs.
+    trains: tuple[str, ...]  # Which of them the optimizer updates.
+
+    @property
+    def uses_policy(self) -> bool:
+        """Whether blocks are chosen by the policy network (else all of them run)."""
+        return "policy" in self.networks
 
 
 STAGE_SPECS = {
-    "pretrain": StageSpec("pretrain", trains=("recognizer",), uses_policy=False),
-    "policy": StageSpec("policy", trains=("policy",), uses_policy=True),
-    "finetune": StageSpec("finetune", trains=("recognizer", "policy"), uses_policy=True),
+    "pretrain": StageSpec("pretrain", networks=("recognizer",), trains=("recognizer",)),
+    "policy": StageSpec("policy", networks=("recognizer", "policy"), trains=("policy",)),
+    "finetune": StageSpec(
+        "finetune", networks=("recognizer", "policy"), trains=("recognizer", "policy")
+    ),
 }
 
 
@@ -105,9 +116,11 @@ def create_models(config: ml_collections.ConfigDict, num_classes: int) -> Models
 
 
 def init_variables(models: Models, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """Initial {'params', 'batch_stats'}, each {'recognizer': ..., 'policy': ...}.
+    """Initial {'params', 'batch_stats'} of both networks: {'recognizer': ..., 'policy': ...}.
 
-    Initialisation runs outside shard_map, so it uses copies of the modules without a BN axis.
+    Each network's initial values depend only on `key` and its own definition, so a policy
+    network initialised next to another recognizer is the same. Runs outside shard_map, on
+    copies of the modules without a BN axis.
     """
     return _init_variables(models, key, image_size)
 
@@ -120,12 +133,41 @@ def _init_variables(models: Models, key: jax.Array, image_size: int) -> dict[str
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     policy_images = jnp.zeros((1, image_size // 2, image_size // 2, 3), jnp.float32)
     locations = jnp.zeros((1, 8), jnp.float32)
-    v_rec = rec.init(k_rec, images, jnp.ones((1, rec.num_blocks)), train=False)
+    v_rec = rec.init(
+        k_rec, images, jnp.ones((1, rec.num_blocks)), train=False, **location_kwargs(rec, locations)
+    )
     v_pol = pol.init(k_pol, policy_images, locations, train=False)
     return {
         "params": {"recognizer": v_rec["params"], "policy": v_pol["params"]},
         "batch_stats": {"recognizer": v_rec["batch_stats"], "policy": v_pol["batch_stats"]},
     }
+
+
+def location_kwargs(recognizer, locations) -> dict[str, Any]:
+    """The recognizer's location argument: only M²Net+ recognizers take one."""
+    return {"locations": locations} if getattr(recognizer, "geo_conditioning", False) else {}
+
+
+def select_networks(variables: Mapping[str, Any], networks) -> dict[str, Any]:
+    return {c: {n: variables[c][n] for n in networks} for c in ("params", "batch_stats")}
+
+
+def complete_variables(variables: Mapping[str, Any], fresh: Mapping[str, Any]) -> dict[str, Any]:
+    """`variables` with the networks it lacks taken from `fresh` (e.g. a new policy network
+    next to a pretrained recognizer)."""
+    return {c: {**fresh[c], **variables[c]} for c in ("params", "batch_stats")}
+
+
+def model_signature(config: ml_collections.ConfigDict, num_classes: int, spec) -> dict[str, Any]:
+    """The config values that fix a stage's checkpoint shapes (checked when resuming)."""
+    sig = {
+        "data.image_size": config.data.image_size,
+        "num_classes": num_classes,
+        **{f"recognizer.{k}": v for k, v in config.recognizer.items()},
+    }
+    if spec.uses_policy:
+        sig.update({f"policy.{k}": config.policy[k] for k in ("use_geo", "width", "stem")})
+    return sig
 
 
 @flax.struct.dataclass
@@ -175,10 +217,11 @@ def make_optimizer(stage_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int
 def create_train_state(
     variables: Mapping[str, Any], spec: StageSpec, tx: optax.GradientTransformation, key
 ) -> TrainState:
+    variables = select_networks(variables, spec.networks)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=dict(variables["params"]),
-        batch_stats=dict(variables["batch_stats"]),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
         opt_state=tx.init(trainable(variables["params"], spec)),
         rng=key,
     )
@@ -216,6 +259,7 @@ def classification_loss(params, batch_stats, batch, key, step, *, models: Models
         policy,
         train=True,
         mutable=["batch_stats"],
+        **location_kwargs(rec, batch["location"]),
     )
     loss = cross_entropy(logits, batch["label"])
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -262,19 +306,18 @@ def policy_loss(
     greedy = pg.apply_curriculum(pg.greedy_policy(probs), mask)
 
     rec_vars = {"params": params["recognizer"], "batch_stats": batch_stats["recognizer"]}
+    recognize = functools.partial(
+        rec.apply, rec_vars, batch["image"], **location_kwargs(rec, batch["location"])
+    )
     if train_recognizer:
         # BlockDrop's finetune runs both forwards in training mode; only the sampled one trains.
-        logits_s, rec_updates = rec.apply(
-            rec_vars, batch["image"], sampled, train=True, mutable=["batch_stats"]
-        )
-        logits_g, _ = rec.apply(
-            rec_vars, batch["image"], greedy, train=True, mutable=["batch_stats"]
-        )
+        logits_s, rec_updates = recognize(sampled, train=True, mutable=["batch_stats"])
+        logits_g, _ = recognize(greedy, train=True, mutable=["batch_stats"])
         logits_g = lax.stop_gradient(logits_g)
         new_rec_stats = rec_updates["batch_stats"]
     else:
-        logits_s = rec.apply(rec_vars, batch["image"], sampled, train=False)
-        logits_g = rec.apply(rec_vars, batch["image"], greedy, train=False)
+        logits_s = recognize(sampled, train=False)
+        logits_g = recognize(greedy, train=False)
         new_rec_stats = batch_stats["recognizer"]
 
     labels = batch["label"]
@@ -316,27 +359,34 @@ def policy_loss(
 
 
 def train_step(state: TrainState, batch, *, spec: StageSpec, loss_fn, tx) -> tuple:
-    """One optimizer step on this device's shard; gradients and metrics averaged over 'data'."""
+    """One optimizer step on this device's shard; gradients and metrics averaged over 'data'.
+
+    A step whose loss or gradient is not finite changes nothing but the step counter (so the
+    state never absorbs a NaN) and reports `nonfinite` = 1; the loop decides what that means.
+    """
     key = jax.random.fold_in(state.rng, state.step)
+    train_params = trainable(state.params, spec)
 
     def loss_of_trainable(train_params):
         params = {**state.params, **train_params}
         return loss_fn(params, state.batch_stats, batch, key, state.step)
 
-    grads, (batch_stats, scalars) = jax.grad(loss_of_trainable, has_aux=True)(
-        trainable(state.params, spec)
-    )
+    grads, (batch_stats, scalars) = jax.grad(loss_of_trainable, has_aux=True)(train_params)
     grads = lax.pmean(grads, AXIS)
     scalars = lax.pmean(scalars, AXIS)
-    train_params = trainable(state.params, spec)
+    batch_stats = lax.pmean(batch_stats, AXIS)  # Already equal when BN is synced; keeps it so.
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
-    train_params = optax.apply_updates(train_params, updates)
-    scalars["grad_norm"] = optax.tree.norm(grads)
+    new_params = optax.apply_updates(train_params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(scalars["loss"]) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    scalars["grad_norm"] = grad_norm
+    scalars["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1,
-        params={**state.params, **train_params},
-        batch_stats=batch_stats,
-        opt_state=opt_state,
+        params={**state.params, **keep_if_finite(new_params, train_params)},
+        batch_stats=keep_if_finite(batch_stats, state.batch_stats),
+        opt_state=keep_if_finite(opt_state, state.opt_state),
     )
     return new_state, scalars
 
@@ -364,7 +414,10 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Host-local numpy batch (this process's share) -> global arrays split over 'data'."""
+    """Host-local numpy batch (this process's share) -> global arrays split over 'data'.
+
+    The one place where host data becomes global: each process passes its own rows.
+    """
     sharding = NamedSharding(mesh, P(AXIS))
     return {
         name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
@@ -377,21 +430,18 @@ def replicate(tree, mesh):
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints: one Orbax manager per stage, holding the train state and the data iterator.
+# Checkpoints (m2net_jax.checkpoint holds the Orbax plumbing).
 
 
-def checkpoint_manager(workdir: str, stage: str, config, *, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(
+def stage_checkpoint_manager(workdir: str, stage: str, config, num_classes: int, **kwargs):
+    return ckpt.manager(
+        workdir,
+        stage,
         save_interval_steps=config.checkpoint.save_interval_steps,
         max_to_keep=config.checkpoint.max_to_keep,
-        enable_async_checkpointing=config.checkpoint.async_save,
-        read_only=read_only,
-        create=not read_only,
-    )
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints", stage),
-        item_names=("state", "data"),
-        options=options,
+        async_save=config.checkpoint.async_save,
+        model_signature=model_signature(config, num_classes, STAGE_SPECS[stage]),
+        **kwargs,
     )
 
 
@@ -416,25 +466,71 @@ def restore_variables(
     workdir: str, stage: str, config, models: Models, mesh, *, steps_per_epoch: int,
     step: int | None = None,
 ):  # fmt: skip
-    """A stage's {'params', 'batch_stats'} at `step` (default: latest), replicated on `mesh`.
-
-    Returns (variables, step), or None when the stage has no checkpoint.
-    """
-    path = os.path.join(os.path.abspath(workdir), "checkpoints", stage)
-    if not os.path.isdir(path):
+    """A stage's {'params', 'batch_stats'} at `step` (default: the newest readable one),
+    replicated on `mesh`, for its networks only. Returns (variables, step), or None when the
+    stage has no checkpoint."""
+    if not os.path.isdir(ckpt.stage_directory(workdir, stage)):
         return None
-    with checkpoint_manager(workdir, stage, config, read_only=True) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            return None
-        abstract = abstract_train_state(
-            stage, config, models, mesh, steps_per_epoch=steps_per_epoch
-        )
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
-    state = restored["state"]
+    abstract = abstract_train_state(stage, config, models, mesh, steps_per_epoch=steps_per_epoch)
+    args = lambda _: ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    num_classes = models.recognizer.num_classes
+    with stage_checkpoint_manager(workdir, stage, config, num_classes, read_only=True) as mngr:
+        if step is not None:
+            if step not in mngr.all_steps():
+                raise FileNotFoundError(
+                    f"No {stage!r} checkpoint at step {step} in {mngr.directory}; "
+                    f"there are: {sorted(mngr.all_steps())}."
+                )
+            restored = (step, mngr.restore(step, args=args(step)))
+        else:
+            restored = ckpt.restore_latest_readable(mngr, args, stage=stage)
+    if restored is None:
+        return None
+    step, items = restored
+    state = items["state"]
     return {"params": state.params, "batch_stats": state.batch_stats}, step
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: preemption and non-finite steps.
+
+
+class Preempted(Exception):  # noqa: N818  (a condition, not a failure)
+    """The job was asked to stop (SIGTERM / preemption notice); its checkpoint is saved."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient was NaN or infinite and `config.on_nonfinite` is 'stop'."""
+
+
+class PreemptionWatch:
+    """Notices a preemption request: SIGTERM in a single process; JAX's preemption sync point
+    (all hosts agree on the step) when there are several, where the distributed runtime itself
+    listens for the notice."""
+
+    def __init__(self):
+        self._requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: finishing this step, then saving and stopping.")
+        self._requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self._requested
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,6 +539,21 @@ def restore_variables(
 
 def _collection(names: tuple[str, ...]) -> type[metrics.Collection]:
     return metrics.Collection.create(**{n: metrics.Average.from_output(n) for n in names})
+
+
+_POLICY_METRICS = (
+    "loss",
+    "cross_entropy",
+    "accuracy",
+    "accuracy_sampled",
+    "reward",
+    "advantage",
+    "blocks",
+    "blocks_sampled",
+    "uniqueness",
+    "curriculum_k",
+    "entropy",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,8 +583,15 @@ def train_stage(
 
     Args:
       stage: 'pretrain', 'policy' or 'finetune'.
-      init_variables_: {'params', 'batch_stats'} to start from when the stage has no checkpoint.
-      on_step: called with the step number after each step (tests use it to interrupt).
+      init_variables_: {'params', 'batch_stats'} holding (at least) the stage's networks, to
+        start from when the stage has no checkpoint.
+      on_step: called with the step count after every step (and once with the starting step
+        before the first); tests use it to interrupt a run at a chosen point.
+
+    Raises:
+      Preempted: SIGTERM arrived; a checkpoint of the current step was saved first.
+      NonFiniteError: a non-finite step with `config.on_nonfinite='stop'`; the newest
+        checkpoint is the last good one.
     """
     spec = STAGE_SPECS[stage]
     stage_cfg = config.stages[stage]
@@ -489,6 +607,10 @@ def train_stage(
         steps_per_epoch=steps_per_epoch,
         curriculum_epochs=config.sampling.curriculum_epochs,
     )
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(
+            f"config.on_nonfinite must be 'stop' or 'skip', not {config.on_nonfinite!r}."
+        )
     train_iter = pipeline.make_train_iterator(
         config.data.dataset,
         data_dir=config.data.data_dir,
@@ -496,25 +618,24 @@ def train_stage(
         batch_size=stage_cfg.batch_size // jax.process_count(),
         seed=config.seed + STAGES.index(stage),
         worker_count=config.data.worker_count,
+        prefetch_buffer_size=config.data.prefetch_buffer_size,
     )
-    mngr = checkpoint_manager(workdir, stage, config)
-    latest = mngr.latest_step()
-    if latest is None:
+    mngr = stage_checkpoint_manager(workdir, stage, config, models.recognizer.num_classes)
+    abstract = abstract_train_state(stage, config, models, mesh, steps_per_epoch=steps_per_epoch)
+    restored = ckpt.restore_latest_readable(
+        mngr,
+        lambda _: ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(train_iter),
+        ),
+        stage=stage,
+    )
+    if restored is None:
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGES.index(stage))
         state = replicate(create_train_state(init_variables_, spec, tx, key), mesh)
     else:
-        logging.info("[%s] Resuming from checkpoint at step %d.", stage, latest)
-        abstract = abstract_train_state(
-            stage, config, models, mesh, steps_per_epoch=steps_per_epoch
-        )
-        restored = mngr.restore(
-            latest,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(train_iter),
-            ),
-        )
-        state = restored["state"]
+        logging.info("[%s] Resuming from the checkpoint at step %d.", stage, restored[0])
+        state = restored[1]["state"]
     start = int(jax.device_get(state.step))
 
     if start == 0 and jax.process_index() == 0:
@@ -528,32 +649,50 @@ def train_stage(
 
     step_fn = make_train_step(spec, models, hp, tx, mesh)
     names = ("loss", "accuracy") if stage == "pretrain" else _POLICY_METRICS
-    collection = _collection(names + ("grad_norm",))
+    collection = _collection(names + ("grad_norm", "nonfinite"))
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     running = None
+    unchecked = []  # (step, device flag) of steps not yet checked for non-finite values.
+    if on_step is not None:
+        on_step(start)
     try:
-        for step in range(start, total_steps):
-            batch = shard_batch(next(train_iter), mesh)
-            state, scalars = step_fn(state, batch)
-            update = collection.single_from_model_output(**scalars)
-            running = update if running is None else running.merge(update)
-            done = step + 1
-            report(done)
-            if done % config.log.every_steps == 0 or done == total_steps:
-                values = {f"{stage}/{k}": v for k, v in running.compute().items()}
-                values[f"{stage}/epoch"] = done / steps_per_epoch
-                writer.write_scalars(done, values)
-                running = None
-            mngr.save(
-                done,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=grain.checkpoint.CheckpointSave(train_iter),
-                ),
-                force=done == total_steps,
-            )
-            if on_step is not None:
-                on_step(done)
+        with PreemptionWatch() as preemption:
+            for step in range(start, total_steps):
+                batch = shard_batch(next(train_iter), mesh)
+                state, scalars = step_fn(state, batch)
+                update = collection.single_from_model_output(**scalars)
+                running = update if running is None else running.merge(update)
+                unchecked.append((step + 1, scalars["nonfinite"]))
+                done = step + 1
+                report(done)
+                preempted = preemption.reached(done)
+                is_last = done == total_steps
+                if done % config.log.every_steps == 0 or is_last:
+                    values = {f"{stage}/{k}": v for k, v in running.compute().items()}
+                    values[f"{stage}/epoch"] = done / steps_per_epoch
+                    writer.write_scalars(done, values)
+                    running = None
+                saving = is_last or preempted or mngr.should_save(done)
+                if saving or done % config.log.every_steps == 0:
+                    _check_finite(unchecked, stage, config.on_nonfinite, mngr)
+                    unchecked = []
+                if saving:
+                    mngr.save(
+                        done,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardSave(state),
+                            data=grain.checkpoint.CheckpointSave(train_iter),
+                        ),
+                        force=True,
+                    )
+                if on_step is not None:
+                    on_step(done)
+                if preempted:
+                    mngr.wait_until_finished()
+                    raise Preempted(
+                        f"[{stage}] Stopped at step {done} on request (SIGTERM); the checkpoint "
+                        f"is saved in {mngr.directory}. Rerun the same command to resume."
+                    )
     finally:
         # Also on an exception: a save in flight completes, so no finished work is lost.
         mngr.wait_until_finished()
@@ -563,26 +702,30 @@ def train_stage(
     return StageResult(variables=variables, steps=total_steps)
 
 
-_POLICY_METRICS = (
-    "loss",
-    "cross_entropy",
-    "accuracy",
-    "accuracy_sampled",
-    "reward",
-    "advantage",
-    "blocks",
-    "blocks_sampled",
-    "uniqueness",
-    "curriculum_k",
-    "entropy",
-)
+def _check_finite(unchecked, stage: str, policy: str, mngr) -> None:
+    """Host check of the steps' non-finite flags (one transfer per check, not per step)."""
+    if not unchecked:
+        return
+    flags = jax.device_get([flag for _, flag in unchecked])
+    bad = [step for (step, _), flag in zip(unchecked, flags, strict=True) if flag > 0]
+    if not bad:
+        return
+    if policy == "skip":
+        logging.warning("[%s] Skipped %d non-finite step(s): %s.", stage, len(bad), bad[:10])
+        return
+    raise NonFiniteError(
+        f"[{stage}] Non-finite loss or gradient at step {bad[0]} (and {len(bad) - 1} later "
+        f"step(s) before the check); stopped. The last good checkpoint is step "
+        f"{mngr.latest_step()} in {mngr.directory}. Lower the learning rate, or set "
+        "--config.on_nonfinite=skip to skip such steps."
+    )
 
 
 def stage_steps_per_epoch(stage: str, config, mesh) -> int:
     """Optimizer steps per epoch of a stage: the train split over the global batch (floor)."""
     info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
     global_batch = config.stages[stage].batch_size
-    _check_batch(global_batch, mesh, f"config.stages.{stage}.batch_size")
+    check_batch(global_batch, mesh, f"config.stages.{stage}.batch_size")
     steps = info.num_examples["train"] // global_batch
     if steps == 0:
         raise ValueError(
@@ -592,7 +735,8 @@ def stage_steps_per_epoch(stage: str, config, mesh) -> int:
     return steps
 
 
-def _check_batch(global_batch: int, mesh, key: str) -> None:
+def check_batch(global_batch: int, mesh, key: str) -> None:
+    """A clear error unless the global batch splits evenly over devices and processes."""
     n_dev, n_proc = mesh.size, jax.process_count()
     if global_batch % n_dev or global_batch % n_proc:
         raise ValueError(
@@ -601,57 +745,84 @@ def _check_batch(global_batch: int, mesh, key: str) -> None:
         )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs the configured stages in order (each resuming or starting from the previous one),
-    evaluates each on the test split, writes `workdir/results.json` and returns the results."""
-    from m2net_jax import evaluate  # evaluate imports train; import here to keep one direction.
+def prepare_dataset(config: ml_collections.ConfigDict) -> pipeline.DatasetSpec:
+    """Makes sure the config's dataset is built (geo_twins builds itself) on every process.
 
-    stages = parse_stages(config.stages.run)
-    pipeline.ensure_built(
+    Process 0 builds first; the others then find it on a shared disk, or build their own
+    identical copy (geo_twins is deterministic) on a local one.
+    """
+    build = functools.partial(
+        pipeline.ensure_built,
         config.data.dataset,
         data_dir=config.data.data_dir,
         build_if_missing=config.data.build_if_missing,
     )
-    info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
+    if jax.process_count() == 1:
+        return build()
+    if jax.process_index() == 0:
+        build()
+    multihost_utils.sync_global_devices("m2net_jax dataset ready on process 0")
+    return build()
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    on_step: Callable[[str, int], None] | None = None,
+) -> dict[str, Any]:
+    """Runs the configured stages in order, evaluates each on the test split, writes
+    `workdir/results.json` and returns the results.
+
+    Each stage resumes from its own latest checkpoint, or starts from the previous stage's final
+    variables (a policy network it lacks is freshly initialised). `on_step(stage, step)` is
+    called as in `train_stage`.
+    """
+    from m2net_jax import evaluate  # evaluate imports train; import here to keep one direction.
+
+    stages = parse_stages(config.stages.run)
+    info = prepare_dataset(config)
     mesh = make_mesh()
     models = create_models(config, info.num_classes)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=True
     )
-    writer.write_hparams(
-        {k: str(v) if v is None else v for k, v in _flatten(config.to_dict()).items()}
-    )
+    hparams = _flatten(config.to_dict())
+    writer.write_hparams({k: str(v) if v is None else v for k, v in hparams.items()})
 
-    variables = _starting_variables(stages[0], config, workdir, models, mesh)
+    init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(STAGES))
+    fresh = replicate(init_variables(models, init_key, config.data.image_size), mesh)
+    variables = _starting_variables(stages[0], config, workdir, models, mesh, fresh)
     results = {}
-    for stage in stages:
-        t0 = time.time()
-        result = train_stage(
-            stage, config, workdir, models=models, init_variables_=variables, mesh=mesh,
-            writer=writer,
-        )  # fmt: skip
-        variables = result.variables
-        logging.info("[%s] trained in %.1f s; evaluating.", stage, time.time() - t0)
-        results[stage] = evaluate.evaluate_variables(
-            variables, config, models=models, mesh=mesh, stage=stage
-        )
-        writer.write_scalars(
-            result.steps, {f"{stage}/test_{k}": v for k, v in results[stage].items()}
-        )
-        evaluate.write_results(workdir, {stage: results[stage]})
-    writer.close()
+    try:
+        for stage in stages:
+            t0 = time.time()
+            result = train_stage(
+                stage, config, workdir, models=models,
+                init_variables_=complete_variables(variables, fresh), mesh=mesh, writer=writer,
+                on_step=None if on_step is None else functools.partial(on_step, stage),
+            )  # fmt: skip
+            variables = result.variables
+            logging.info("[%s] Trained in %.1f s; evaluating.", stage, time.time() - t0)
+            results[stage] = evaluate.evaluate_variables(
+                variables, config, models=models, mesh=mesh, stage=stage
+            )
+            writer.write_scalars(
+                result.steps, {f"{stage}/test_{k}": v for k, v in results[stage].items()}
+            )
+            evaluate.write_results(workdir, {stage: results[stage]})
+    finally:
+        writer.close()
     logging.info("Results:\n%s", evaluate.format_table(evaluate.read_results(workdir)))
     return results
 
 
-def _starting_variables(first_stage: str, config, workdir: str, models: Models, mesh):
+def _starting_variables(first_stage: str, config, workdir, models: Models, mesh, fresh):
     """Variables the first selected stage starts from (unless it resumes its own checkpoint)."""
     index = STAGES.index(first_stage)
-    own = os.path.join(os.path.abspath(workdir), "checkpoints", first_stage)
-    if index == 0 or os.path.isdir(own):
+    if index == 0 or os.path.isdir(ckpt.stage_directory(workdir, first_stage)):
         # Fresh pretraining; or a resumed stage, whose checkpoint replaces these on restore.
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(STAGES))
-        return replicate(init_variables(models, key, config.data.image_size), mesh)
+        return fresh
     previous = STAGES[index - 1]
     restored = restore_variables(
         workdir, previous, config, models, mesh,

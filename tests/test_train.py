@@ -116,12 +116,12 @@ def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_ru
     # Checkpoints every 2 steps; interrupt after step 5, so step 5 is lost and redone.
     with pytest.raises(Interrupt):
         run_stage(config, workdir, stage, on_step=interrupt_at(5))
-    mngr = train.checkpoint_manager(workdir, stage, config, read_only=True)
-    assert mngr.latest_step() == 4
+    mngr = train.stage_checkpoint_manager(workdir, stage, config, 8, read_only=True)
+    assert mngr.latest_step() == 4  # The save in flight at the interruption completed.
     mngr.close()
     seen = []
     resumed = run_stage(config, workdir, stage, on_step=seen.append)
-    assert seen[0] == 5  # It continued at the step after the checkpoint.
+    assert seen[:2] == [4, 5]  # It restored step 4 and continued with step 5.
     assert resumed.steps == full.steps == seen[-1]
     for a, b in zip(_leaves(resumed.variables), _leaves(full.variables), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -131,6 +131,9 @@ def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_ru
 def test_four_devices_and_one_device_give_the_same_training(smoke_data_dir, tmp_path, stage):
     config = smoke_config(smoke_data_dir, **{stage: 1})
     config.checkpoint.save_interval_steps = 1000
+    # A gentler step size keeps SGD from amplifying the last-bit differences of sums taken in
+    # another order over 4 shards into visible ones.
+    config.stages[stage].learning_rate /= 10
     devices = jax.devices()
     assert len(devices) == 4
     one = run_stage(config, str(tmp_path / "one"), stage, mesh=train.make_mesh(devices[:1]))
