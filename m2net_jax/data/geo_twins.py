@@ -343,18 +343,18 @@ _DRAW = {
     "amphitheatre": _draw_amphitheatre,
 }
 
-# Height (fraction of the photo) and width scale of each archetype's frame.
-_FRAME = {
-    "tower": (0.8, 1.0),
-    "arch": (0.55, 1.0),
-    "dome": (0.55, 1.0),
-    "pyramid": (0.5, 1.0),
-    "bridge": (0.45, 1.0),
-    "obelisk": (0.8, 1.0),
-    "pagoda": (0.75, 1.0),
-    "lighthouse": (0.8, 1.0),
-    "windmill": (0.7, 1.0),
-    "amphitheatre": (0.4, 1.0),
+# Typical height of each archetype as a fraction of the photo (before the random scale).
+_HEIGHT = {
+    "tower": 0.8,
+    "arch": 0.55,
+    "dome": 0.55,
+    "pyramid": 0.5,
+    "bridge": 0.45,
+    "obelisk": 0.8,
+    "pagoda": 0.75,
+    "lighthouse": 0.8,
+    "windmill": 0.7,
+    "amphitheatre": 0.4,
 }
 
 _MATERIALS = np.array(
@@ -451,9 +451,9 @@ def render(cls: LandmarkClass, rng: np.random.Generator, options: RenderOptions)
         draw.rectangle([x, horizon - h, x + w, horizon + 1], fill=tone)
 
     # The landmark, seen from a random viewpoint.
-    height_frac, width_scale = _FRAME[cls.archetype]
-    height = height_frac * rng.uniform(0.65, 1.15) * canvas
-    squash = width_scale * rng.uniform(0.78, 1.22) * (1.0 + _WIDTH_CUE * cue)
+    height = _HEIGHT[cls.archetype] * rng.uniform(0.65, 1.15) * canvas
+    # The viewpoint squashes the width by up to ±22%; the city cue changes it by a few %.
+    squash = rng.uniform(0.78, 1.22) * (1.0 + _WIDTH_CUE * cue)
     origin = (rng.uniform(0.3, 0.7) * canvas, horizon + rng.uniform(-0.02, 0.05) * canvas)
     material = _MATERIALS[rng.integers(len(_MATERIALS))] + rng.normal(0, 14, 3)
     tint = _TINT_DIRECTIONS[ARCHETYPES.index(cls.archetype) % len(_TINT_DIRECTIONS)]
@@ -531,6 +531,8 @@ class GeoTwinsConfig(tfds.core.BuilderConfig):
       twin_cue: strength of the per-city visual cue (1.0 = tuned default, see BUILD_NOTES.md).
       jitter_km: σ of the Gaussian location jitter around the city centre, per axis (cut at 4σ).
       seed: everything generated is a function of this seed.
+      image_format: ``png`` (lossless) or ``jpeg`` (quality 90; 10x smaller for the large,
+        noisy photos, and what GLDv2 stores).
     """
 
     image_size: int = 32
@@ -542,6 +544,7 @@ class GeoTwinsConfig(tfds.core.BuilderConfig):
     twin_cue: float = 1.0
     jitter_km: float = 2.5
     seed: int = 0
+    image_format: str = "png"
 
     @property
     def classes(self) -> tuple[LandmarkClass, ...]:
@@ -592,8 +595,20 @@ class GeoTwins(tfds.core.GeneratorBasedBuilder):
     BUILDER_CONFIGS = [
         _config("32px", "32 px, 8 archetypes x 4 cities, 5120 train / 1600 test.", **_STANDARD),
         _config("64px", "64 px, 8 archetypes x 4 cities.", image_size=64, **_STANDARD),
-        _config("112px", "112 px, 8 archetypes x 4 cities.", image_size=112, **_STANDARD),
-        _config("224px", "224 px, 8 archetypes x 4 cities.", image_size=224, **_STANDARD),
+        _config(
+            "112px",
+            "112 px JPEG, 8 archetypes x 4 cities.",
+            image_size=112,
+            image_format="jpeg",
+            **_STANDARD,
+        ),
+        _config(
+            "224px",
+            "224 px JPEG, 8 archetypes x 4 cities.",
+            image_size=224,
+            image_format="jpeg",
+            **_STANDARD,
+        ),
         _config(
             "64px_wide",
             "64 px, 10 archetypes x 6 of 12 cities (60 classes), 9600 train / 3000 test.",
@@ -639,7 +654,9 @@ class GeoTwins(tfds.core.GeneratorBasedBuilder):
             description=__doc__,
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+                    "image": tfds.features.Image(
+                        shape=(size, size, 3), encoding_format=config.image_format
+                    ),
                     "label": tfds.features.ClassLabel(names=[c.name for c in config.classes]),
                     "archetype": tfds.features.ClassLabel(
                         names=list(ARCHETYPES[: config.num_archetypes])
@@ -672,13 +689,13 @@ class GeoTwins(tfds.core.GeneratorBasedBuilder):
             rng = np.random.default_rng([config.seed, _SPLIT_IDS[split], index])
             pixels = render(cls, rng, options)
             latitude, longitude = jittered_location(cls.city, rng, jitter_km=config.jitter_km)
-            png = io.BytesIO()
-            Image.fromarray(pixels).save(png, format="PNG")
+            encoded = io.BytesIO()
+            Image.fromarray(pixels).save(encoded, **_SAVE_OPTIONS[config.image_format])
             image_id = f"geo_twins-{split}-{index:06d}"
             yield (
                 image_id,
                 {
-                    "image": png.getvalue(),
+                    "image": encoded.getvalue(),
                     "label": label,
                     "archetype": archetypes.index(cls.archetype),
                     "city": cls.city.name,
@@ -689,6 +706,9 @@ class GeoTwins(tfds.core.GeneratorBasedBuilder):
                     "image_id": image_id,
                 },
             )
+
+
+_SAVE_OPTIONS = {"png": dict(format="PNG"), "jpeg": dict(format="JPEG", quality=90)}
 
 
 def build(name: str = "geo_twins", *, data_dir: str | None = None) -> tfds.core.DatasetBuilder:

@@ -1,0 +1,189 @@
+"""Tests for the grain input pipeline (m2net_jax/data/pipeline.py, DESIGN.md §3 "Pipeline")."""
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from m2net_jax.data import geo_twins, pipeline
+
+SMOKE = "geo_twins/smoke"
+KEYS = ("image", "policy_image", "location", "label", "mask", "index")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    geo_twins.build(SMOKE, data_dir=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def source(data_dir):
+    """The stored examples, decoded by TFDS (independently of the pipeline's decoding)."""
+    builder = tfds.builder(SMOKE, data_dir=data_dir)
+    return {split: list(builder.as_data_source(split)) for split in ("train", "test")}
+
+
+def train_iterator(data_dir, **kwargs):
+    defaults = dict(image_size=32, batch_size=8, seed=3, shard_index=0, shard_count=1)
+    return pipeline.make_train_iterator(SMOKE, data_dir=data_dir, **{**defaults, **kwargs})
+
+
+def assert_same_batches(expected, actual):
+    assert len(expected) == len(actual)
+    for want, got in zip(expected, actual, strict=True):
+        assert sorted(want) == sorted(got)
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key], err_msg=key)
+
+
+def test_train_batch_has_documented_shapes_dtypes_and_ranges(data_dir):
+    batch = next(train_iterator(data_dir, batch_size=6))
+    assert sorted(batch) == sorted(KEYS)
+    assert batch["image"].shape == (6, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["policy_image"].shape == (6, 16, 16, 3)
+    assert batch["policy_image"].dtype == np.float32
+    assert batch["location"].shape == (6, 8) and batch["location"].dtype == np.float32
+    assert batch["label"].shape == (6,) and batch["label"].dtype == np.int32
+    assert batch["mask"].dtype == np.bool_ and batch["mask"].all()
+    for key in ("image", "policy_image"):
+        assert 0.0 <= batch[key].min() and batch[key].max() <= 1.0
+
+
+def test_policy_image_is_the_2x2_average_of_the_image(data_dir):
+    batch = next(train_iterator(data_dir))
+    image = batch["image"].astype(np.float64)
+    expected = (
+        image[:, 0::2, 0::2] + image[:, 1::2, 0::2] + image[:, 0::2, 1::2] + image[:, 1::2, 1::2]
+    ) / 4
+    np.testing.assert_allclose(batch["policy_image"], expected, atol=1e-6)
+
+
+def test_batches_carry_the_label_and_location_of_their_example(data_dir, source):
+    batch = next(train_iterator(data_dir, batch_size=16))
+    for i, index in enumerate(batch["index"]):
+        example = source["train"][index]
+        assert batch["label"][i] == example["label"]
+        np.testing.assert_array_equal(batch["location"][i], example["location"])
+
+
+def test_two_process_shards_partition_each_epoch(data_dir, source):
+    num_train = len(source["train"])
+    batch_size = 8
+    per_shard = num_train // 2  # 128 examples: 64 per shard, 8 batches an epoch.
+    epochs = {}
+    for shard_index in (0, 1):
+        it = train_iterator(data_dir, shard_index=shard_index, shard_count=2, batch_size=batch_size)
+        indices = np.concatenate([next(it)["index"] for _ in range(2 * per_shard // batch_size)])
+        epochs[shard_index] = indices[:per_shard], indices[per_shard:]
+    first_0, second_0 = epochs[0]
+    first_1, _ = epochs[1]
+    assert len(set(first_0)) == per_shard and len(set(first_1)) == per_shard
+    assert not set(first_0) & set(first_1)
+    assert set(first_0) | set(first_1) == set(range(num_train))
+    image_ids = {source["train"][i]["image_id"] for i in np.concatenate([first_0, first_1])}
+    assert len(image_ids) == num_train
+    # The next epoch is the same shard, reshuffled.
+    assert set(second_0) == set(first_0) and list(second_0) != list(first_0)
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_restored_iterator_yields_the_batches_of_an_uninterrupted_one(data_dir, worker_count):
+    # 128 examples, batch 8: 16 batches an epoch; stop at 13 so the comparison crosses an epoch.
+    it = train_iterator(data_dir, batch_size=8, worker_count=worker_count)
+    for _ in range(13):
+        next(it)
+    state = it.get_state()
+    uninterrupted = [next(it) for _ in range(6)]
+    it.close()
+
+    restored = train_iterator(data_dir, batch_size=8, worker_count=worker_count)
+    restored.set_state(state)
+    resumed = [next(restored) for _ in range(6)]
+    restored.close()
+    assert_same_batches(uninterrupted, resumed)
+
+
+def test_iterator_state_round_trips_through_an_orbax_checkpoint(data_dir, tmp_path):
+    it = train_iterator(data_dir)
+    for _ in range(5):
+        next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    uninterrupted = [next(it) for _ in range(3)]
+
+    fresh = train_iterator(data_dir)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        restored = manager.restore(
+            5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh))
+        )["data"]
+    assert_same_batches(uninterrupted, [next(restored) for _ in range(3)])
+
+
+def test_eval_counts_every_example_once_with_equal_steps_per_process(data_dir, source):
+    num_test, batch_size, shard_count = len(source["test"]), 10, 3
+    shards = [
+        list(
+            pipeline.make_eval_iterator(
+                SMOKE,
+                data_dir=data_dir,
+                image_size=32,
+                batch_size=batch_size,
+                shard_index=shard_index,
+                shard_count=shard_count,
+            )
+        )
+        for shard_index in range(shard_count)
+    ]
+    # ceil(ceil(64 / 3) / 10) = 3 batches on every process.
+    assert [len(batches) for batches in shards] == [3, 3, 3]
+    batches = [b for shard in shards for b in shard]
+    assert all(b["image"].shape == (batch_size, 32, 32, 3) for b in batches)
+    assert sum(int(b["mask"].sum()) for b in batches) == num_test
+    counted = np.concatenate([b["index"][b["mask"]] for b in batches])
+    assert sorted(counted) == list(range(num_test))
+
+
+def test_eval_single_process_pads_only_the_last_batch(data_dir, source):
+    batches = list(
+        pipeline.make_eval_iterator(
+            SMOKE, data_dir=data_dir, image_size=32, batch_size=10, shard_index=0, shard_count=1
+        )
+    )
+    masks = [int(b["mask"].sum()) for b in batches]
+    assert masks == [10] * 6 + [len(source["test"]) - 60]
+
+
+def test_eval_image_at_stored_resolution_is_the_stored_photo(data_dir, source):
+    batch = next(
+        pipeline.make_eval_iterator(
+            SMOKE, data_dir=data_dir, image_size=32, batch_size=4, shard_index=0, shard_count=1
+        )
+    )
+    for i, index in enumerate(batch["index"]):
+        stored = source["test"][index]["image"].astype(np.float32) / 255.0
+        np.testing.assert_allclose(batch["image"][i], stored, atol=1e-6)
+
+
+def test_missing_dataset_error_names_the_build_command(tmp_path):
+    empty = str(tmp_path)
+    expected = f"python -m m2net_jax.data.build --dataset=geo_twins/64px --data_dir={empty}"
+    with pytest.raises(pipeline.DatasetNotBuiltError) as error:
+        pipeline.dataset_info("geo_twins/64px", data_dir=empty)
+    assert expected in str(error.value)
+    with pytest.raises(pipeline.DatasetNotBuiltError, match="m2net_jax.data.build"):
+        train_iterator(empty)
+    with pytest.raises(pipeline.DatasetNotBuiltError, match="m2net_jax.data.build"):
+        pipeline.ensure_built("geo_twins/smoke", data_dir=empty)
+
+
+def test_ensure_built_builds_geo_twins_when_allowed(tmp_path, source):
+    spec = pipeline.ensure_built(SMOKE, data_dir=str(tmp_path), build_if_missing=True)
+    assert spec.name == SMOKE
+    assert spec.num_examples == {"train": len(source["train"]), "test": len(source["test"])}
+    assert spec.num_classes == len(spec.class_names) == 8
+    assert spec.image_size == 32
+    assert all("@" in name for name in spec.class_names)
