@@ -1,12 +1,12 @@
 """Entry point: `python -m m2net_jax.main --config=configs/quickstart.py --workdir=DIR`.
 
-Intentionally kept short: parse flags, start the distributed runtime when there are several
+Intentionally kept short: parse flags, start JAX's distributed runtime when there are several
 processes, log the process/device picture, then hand over to `train` or `evaluate`.
 """
 
 import os
 
-# TensorFlow is only the TFDS / clu back end here: keep it off accelerators and quiet.
+# TensorFlow is only the TFDS / clu back end here: keep it quiet (and off GPUs, below).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
@@ -16,17 +16,46 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.")
 config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "A config file, e.g. configs/quickstart.py or configs/r47.py:geo_twins.",
+    "config", None, "A config file, e.g. configs/quickstart.py or configs/r47.py:geo_twins.",
     lock_config=True,
-)
+)  # fmt: skip
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 in a multi-process run (else $JAX_COORDINATOR_ADDRESS, or the "
+    "cluster's auto-detection: SLURM, Open MPI, TPU pods).",
+)  # fmt: skip
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_bool(
+    "multiprocess", None,
+    "Start jax.distributed (default: when the flags above, $JAX_COORDINATOR_ADDRESS, or a "
+    "multi-task SLURM / Open MPI job say so). Pass --multiprocess on TPU pod slices.",
+)  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multiprocess() -> bool:
+    if FLAGS.multiprocess is not None:
+        return FLAGS.multiprocess
+    env = os.environ
+    return bool(
+        FLAGS.coordinator_address
+        or FLAGS.num_processes
+        or env.get("JAX_COORDINATOR_ADDRESS")
+        or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _multiprocess():  # Before any other JAX call.
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -37,16 +66,21 @@ def main(argv):
     logging.info(
         "JAX process %d of %d; %d local / %d global devices (%s).",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-        jax.devices()[0].platform,
+        jax.devices()[0].device_kind,
     )  # fmt: skip
     logging.info("Config:\n%s", config)
-    if config.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir)
-    elif config.mode == "eval":
-        evaluate.evaluate_workdir(config, FLAGS.workdir)
-    else:
-        raise app.UsageError(f"config.mode must be 'train' or 'eval', not {config.mode!r}.")
-    print(evaluate.format_table(evaluate.read_results(FLAGS.workdir)))
+    try:
+        if config.mode == "train":
+            train.train_and_evaluate(config, FLAGS.workdir)
+        elif config.mode == "eval":
+            evaluate.evaluate_workdir(config, FLAGS.workdir)
+        else:
+            raise app.UsageError(f"config.mode must be 'train' or 'eval', not {config.mode!r}.")
+    except train.Preempted as stop:
+        logging.warning("%s", stop)
+        return
+    if jax.process_index() == 0:
+        print(evaluate.format_table(evaluate.read_results(FLAGS.workdir)))
 
 
 if __name__ == "__main__":

@@ -193,13 +193,15 @@ def make_optimizer(stage_cfg: ml_collections.ConfigDict, *, steps_per_epoch: int
     """The stage's optax optimizer: (SGD-Nesterov | Adam) with L2 decay and an LR schedule."""
     total_steps = max(1, stage_cfg.epochs * steps_per_epoch)
     warmup = min(stage_cfg.warmup_epochs * steps_per_epoch, total_steps - 1)
-    if stage_cfg.schedule == "cosine":
+    if stage_cfg.schedule == "cosine" and warmup:
         lr = optax.warmup_cosine_decay_schedule(
-            init_value=0.0 if warmup else stage_cfg.learning_rate,
+            init_value=0.0,
             peak_value=stage_cfg.learning_rate,
             warmup_steps=warmup,
             decay_steps=total_steps,
         )
+    elif stage_cfg.schedule == "cosine":
+        lr = optax.cosine_decay_schedule(stage_cfg.learning_rate, decay_steps=total_steps)
     elif stage_cfg.schedule == "constant":
         lr = optax.constant_schedule(stage_cfg.learning_rate)
     else:
