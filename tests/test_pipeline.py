@@ -69,24 +69,27 @@ def test_batches_carry_the_label_and_location_of_their_example(data_dir, source)
         np.testing.assert_array_equal(batch["location"][i], example["location"])
 
 
-def test_two_process_shards_partition_each_epoch(data_dir, source):
+def test_two_processes_read_the_halves_of_the_one_process_global_batches(data_dir, source):
     num_train = len(source["train"])
-    batch_size = 8
-    per_shard = num_train // 2  # 128 examples: 64 per shard, 8 batches an epoch.
-    epochs = {}
-    for shard_index in (0, 1):
-        it = train_iterator(data_dir, shard_index=shard_index, shard_count=2, batch_size=batch_size)
-        indices = np.concatenate([next(it)["index"] for _ in range(2 * per_shard // batch_size)])
-        epochs[shard_index] = indices[:per_shard], indices[per_shard:]
-    first_0, second_0 = epochs[0]
-    first_1, _ = epochs[1]
-    assert len(set(first_0)) == per_shard and len(set(first_1)) == per_shard
-    assert not set(first_0) & set(first_1)
-    assert set(first_0) | set(first_1) == set(range(num_train))
-    image_ids = {source["train"][i]["image_id"] for i in np.concatenate([first_0, first_1])}
-    assert len(image_ids) == num_train
-    # The next epoch is the same shard, reshuffled.
-    assert set(second_0) == set(first_0) and list(second_0) != list(first_0)
+    global_batch = 16
+    steps = num_train // global_batch  # One epoch: 8 global batches.
+    one = train_iterator(data_dir, shard_index=0, shard_count=1, batch_size=global_batch)
+    halves = [
+        train_iterator(data_dir, shard_index=p, shard_count=2, batch_size=global_batch // 2)
+        for p in (0, 1)
+    ]
+    seen = []
+    for _ in range(steps):
+        whole = next(one)
+        parts = [next(it) for it in halves]
+        for key in whole:  # Same photos, same crops, same row order.
+            joined = np.concatenate([part[key] for part in parts])
+            np.testing.assert_array_equal(joined, whole[key], err_msg=key)
+        assert not set(parts[0]["index"]) & set(parts[1]["index"])
+        seen.extend(whole["index"])
+    # An epoch is a permutation of the split, and the next epoch another one.
+    assert sorted(seen) == list(range(num_train))
+    assert list(next(one)["index"]) != seen[:global_batch]
 
 
 @pytest.mark.parametrize("worker_count", [0, 2])

@@ -2,11 +2,13 @@
 
 DESIGN.md §3 "Pipeline". One chain for every dataset (geo_twins, landmark420, landmark732):
 
-    tfds data source -> grain.MapDataset -> index each example -> shard by JAX process
+    tfds data source -> grain.MapDataset -> index each example
       train: shuffle (seeded, reshuffled every epoch) -> repeat forever -> decode
-             -> random resized crop -> horizontal flip
-      eval:  pad the shard to a whole number of batches -> decode -> resize + centre crop
-    -> half-resolution policy image -> model inputs -> batch -> worker processes + prefetch
+             -> random resized crop -> horizontal flip -> half-resolution policy image
+             -> model inputs -> batch -> this process's batches of every global batch
+      eval:  shard by JAX process -> pad the shard to a whole number of batches -> decode
+             -> resize + centre crop -> half-resolution policy image -> model inputs -> batch
+    -> worker processes + prefetch
 
 A batch is the *per-process* share of the global batch, as host-local numpy arrays:
 
@@ -313,18 +315,18 @@ def train_dataset(
     _check_sizes(image_size=image_size, batch_size=batch_size)
     shard_index, shard_count = _shard(shard_index, shard_count)
     ds = _source_dataset(dataset, split, data_dir)
-    # Each process owns a fixed strided shard; the shuffle before `repeat` is reseeded every
-    # epoch, so an epoch is a permutation of the shard and epochs differ.
-    ds = ds[shard_index::shard_count]
-    # Each process draws its own shuffles and crops (not the same draws on different photos).
-    process_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
-    ds = ds.seed(process_seed).shuffle().repeat()
+    # One global stream, the same on every process: the split reshuffled every epoch, each
+    # photo's crop and flip drawn from its position in the stream. Cut into per-process pieces
+    # of B, global batch t is pieces t·P … t·P + P − 1, and process p reads piece t·P + p (the
+    # MapDataset is lazy: it decodes only its own pieces). Batch t is therefore the same photos,
+    # crops and row order on 1 process or 64: the data order does not depend on the topology.
+    ds = ds.seed(seed).shuffle().repeat()
     ds = ds.map(DecodeImage())
     ds = ds.random_map(RandomResizedCrop(size=image_size, scale=crop_scale))
     ds = ds.random_map(RandomFlip())
     ds = ds.map(AddPolicyImage())
     ds = ds.map(ToModelInputs())
-    return ds.batch(batch_size, drop_remainder=True)
+    return ds.batch(batch_size, drop_remainder=True)[shard_index::shard_count]
 
 
 def eval_dataset(
