@@ -105,10 +105,12 @@ def test_all_stages_train_checkpoint_evaluate_and_eval_mode_reproduces(smoke_dat
         assert again[stage]["num_examples"] == results[stage]["num_examples"]
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "policy"])
 def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_run(
-    smoke_data_dir, tmp_path, stage
+    smoke_data_dir, tmp_path
 ):
+    # The policy stage: its state has the most parts (two networks, curriculum, sampling key).
+    # tests/test_reliability.py kills whole processes at several points of both stages.
+    stage = "policy"
     config = smoke_config(smoke_data_dir, **{stage: 2})
     full = run_stage(config, str(tmp_path / "full"), stage)
 
