@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from m2net_jax import checkpoint as ckpt
+from m2net_jax import fast_forward
 from m2net_jax import policy_gradient as pg
 from m2net_jax.data import pipeline
 from m2net_jax.models import PolicyNetwork, Recognizer
@@ -282,12 +283,15 @@ def sample_per_example(key, probs, *, bound: float) -> jax.Array:
 
 
 def policy_loss(
-    params, batch_stats, batch, key, step, *, models: Models, hp: Hyper, train_recognizer: bool
-):
+    params, batch_stats, batch, key, step, *, models: Models, hp: Hyper, train_recognizer: bool,
+    frozen_logits=fast_forward.frozen_logits,
+):  # fmt: skip
     """Policy and finetune stages: REINFORCE with a self-critical baseline (Eqns 2, 5, 8).
 
     With `train_recognizer` (finetune) the recognizer runs in training mode and its
-    cross-entropy under the sampled policy is added; otherwise it is frozen, inference-mode.
+    cross-entropy under the sampled policy is added; otherwise it is frozen, inference-mode,
+    and `frozen_logits` computes its greedy and sampled forwards (by default sharing the blocks
+    where the two policies agree; `fast_forward.naive_frozen_logits` runs two plain forwards).
     """
     rec, pol = models.recognizer, models.policy
     n = rec.num_blocks
@@ -308,18 +312,16 @@ def policy_loss(
     greedy = pg.apply_curriculum(pg.greedy_policy(probs), mask)
 
     rec_vars = {"params": params["recognizer"], "batch_stats": batch_stats["recognizer"]}
-    recognize = functools.partial(
-        rec.apply, rec_vars, batch["image"], **location_kwargs(rec, batch["location"])
-    )
+    geo = location_kwargs(rec, batch["location"])
     if train_recognizer:
         # BlockDrop's finetune runs both forwards in training mode; only the sampled one trains.
+        recognize = functools.partial(rec.apply, rec_vars, batch["image"], **geo)
         logits_s, rec_updates = recognize(sampled, train=True, mutable=["batch_stats"])
         logits_g, _ = recognize(greedy, train=True, mutable=["batch_stats"])
         logits_g = lax.stop_gradient(logits_g)
         new_rec_stats = rec_updates["batch_stats"]
     else:
-        logits_s = recognize(sampled, train=False)
-        logits_g = recognize(greedy, train=False)
+        logits_g, logits_s = frozen_logits(rec, rec_vars, batch["image"], greedy, sampled, **geo)
         new_rec_stats = batch_stats["recognizer"]
 
     labels = batch["label"]
@@ -393,14 +395,22 @@ def train_step(state: TrainState, batch, *, spec: StageSpec, loss_fn, tx) -> tup
     return new_state, scalars
 
 
-def make_train_step(spec: StageSpec, models: Models, hp: Hyper, tx, mesh) -> Callable:
-    """`jax.jit(jax.shard_map(train_step))` for a stage: state replicated, batch split."""
+def make_train_step(
+    spec: StageSpec, models: Models, hp: Hyper, tx, mesh, *,
+    frozen_logits=fast_forward.frozen_logits,
+) -> Callable:  # fmt: skip
+    """`jax.jit(jax.shard_map(train_step))` for a stage: state replicated, batch split.
+
+    `frozen_logits` computes the policy stage's two frozen-recognizer forwards (see
+    `policy_loss`); the benchmark passes the naive one to measure what sharing buys.
+    """
     if spec.name == "pretrain":
         loss_fn = functools.partial(classification_loss, models=models, hp=hp)
     else:
         loss_fn = functools.partial(
-            policy_loss, models=models, hp=hp, train_recognizer="recognizer" in spec.trains
-        )
+            policy_loss, models=models, hp=hp, train_recognizer="recognizer" in spec.trains,
+            frozen_logits=frozen_logits,
+        )  # fmt: skip
     step = functools.partial(train_step, spec=spec, loss_fn=loss_fn, tx=tx)
     # check_vma=False: classic data-parallel semantics, per-device gradients pmean-ed explicitly.
     sharded = jax.shard_map(

@@ -1,0 +1,65 @@
+"""The benchmark's machinery on tiny sizes, and the shared policy step's equality with the naive
+one through train.py's real step (no timings are checked)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from m2net_jax import bench
+
+
+def test_smoke_suite_reports_latency_and_uniqueness_as_json_and_a_table():
+    results = bench.run("smoke", parts=("latency", "uniqueness"))
+    json.dumps(results)  # Serialisable as written by --json.
+    assert results["device"]["device_kind"]
+    latency = results["latency"]
+    assert set(latency["latency_ms"]) >= {"full_resnet", "skipping_half", "m2net_half"}
+    assert 0.5 <= latency["pr"] <= 0.6
+    # FLOPs-predicted: full / (fixed + kept blocks); the half policy keeps 5 of 9 blocks.
+    assert 1.0 < latency["recognizer_speedup"]["predicted"] < 9 / 5
+    rows = results["uniqueness"]["rows"]
+    assert [row["M"] for row in rows] == [256, 1024]
+    for row in rows:  # The O(M·N) counts agree with the pairwise definition.
+        assert row["max_difference"] < 1e-6
+    table = bench.format_table(results)
+    assert "speedup over the full ResNet" in table and "uniqueness" in table
+
+
+def test_pairwise_uniqueness_is_eqn_2():
+    policies = np.array([[1, 0, 1], [1, 1, 1], [0, 0, 0]], np.float32)
+    # Row 0 differs from row 1 in 1 block and from row 2 in 2: (0 + 1 + 2) / (3 · 3).
+    expected = [3 / 9, (1 + 0 + 3) / 9, (2 + 3 + 0) / 9]
+    np.testing.assert_allclose(bench.pairwise_uniqueness(policies), expected, rtol=1e-6)
+
+
+def test_unknown_suite_or_part_is_a_clear_error():
+    with pytest.raises(ValueError, match="Unknown suite"):
+        bench.run("huge")
+    with pytest.raises(ValueError, match="Unknown parts"):
+        bench.run("smoke", parts=("latency", "speed"))
+
+
+@pytest.mark.slow
+def test_shared_policy_step_gives_the_naive_steps_loss_and_update():
+    """The policy stage's real train step (train.make_train_step), with the frozen recognizer's
+    two forwards shared, reaches the same loss, metrics and parameters as with two forwards."""
+    tb = bench.TrainBench(bench.SUITES["smoke"], mesh=bench_mesh())
+    steps = tb.policy_steps()
+    k = 4  # The first 5 of 9 blocks are forced on: a shared prefix, then separate streams.
+    new = {variant: step(tb.state_at("policy", k), tb.batch) for variant, step in steps.items()}
+    (naive_state, naive_scalars), (shared_state, shared_scalars) = new["naive"], new["shared"]
+    assert float(naive_scalars["curriculum_k"]) == k
+    for name, value in naive_scalars.items():
+        np.testing.assert_allclose(shared_scalars[name], value, rtol=1e-6, atol=1e-7)
+    for a, b in zip(
+        jax.tree.leaves(naive_state.params), jax.tree.leaves(shared_state.params), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def bench_mesh():
+    from m2net_jax import train
+
+    return train.make_mesh(jax.devices()[:2])  # Two devices: the shard_map split is exercised.
