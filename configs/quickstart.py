@@ -17,9 +17,11 @@ def get_config():
     c.recognizer.depth = 29
     c.recognizer.width = 16
     c.policy.width = 16
-    c.stages.pretrain.update(epochs=12, batch_size=128, learning_rate=0.1, warmup_epochs=1)
-    c.stages.policy.update(epochs=8, batch_size=128, learning_rate=1e-3)
-    c.stages.finetune.update(epochs=4, batch_size=128, learning_rate=1e-4)
+    c.stages.pretrain.update(epochs=8, batch_size=128, learning_rate=0.1, warmup_epochs=1)
+    # The curriculum opens one block per epoch: the policy decides the last 5 of 9 blocks by the
+    # end of this stage, and finetuning decides all of them.
+    c.stages.policy.update(epochs=5, batch_size=128, learning_rate=1e-3)
+    c.stages.finetune.update(epochs=3, batch_size=128, learning_rate=1e-4)
     c.sampling.curriculum_epochs = 1
     c.checkpoint.save_interval_steps = 100
     c.log.every_steps = 20

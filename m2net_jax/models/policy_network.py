@@ -20,6 +20,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from m2net_jax.geo import scale_location
@@ -29,6 +30,28 @@ from m2net_jax.models.layers import Stem, batch_norm, normalize_images, padding
 RESNET10_STAGES = ((1, 1), (2, 2), (4, 2), (8, 2))  # (width multiplier, stride)
 # Table 1: FC1–FC4 output sizes; FC5 maps to the N blocks.
 LOC_MLP_FEATURES = (128, 256, 256, 128)
+
+
+class SmallMapConv(nn.Conv):
+    """`nn.Conv` that computes a stride-1 k×k conv on a map smaller than k×k on the map
+    zero-padded to k×k (bottom/right), then crops: the added taps read zeros, as the conv's own
+    padding would, so the values are the same.
+
+    Why: XLA:CPU takes a slow path for such convs — a 3×3 conv on the 2×2 map of ResNet-10's last
+    block at 16 px took ~35× longer than on 3×3, as long as the whole ResNet-47 (BUILD_NOTES.md,
+    Performance). The optimization barrier stops XLA from folding the pad back into the conv.
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        h, w = x.shape[1:3]
+        k = self.kernel_size[0]
+        stride_one = self.strides in (None, 1, (1, 1))
+        if stride_one and k > 1 and (h < k or w < k):
+            pad = ((0, 0), (0, max(0, k - h)), (0, max(0, k - w)), (0, 0))
+            padded = jax.lax.optimization_barrier(jnp.pad(x, pad))
+            return super().__call__(padded)[:, :h, :w]
+        return super().__call__(x)
 
 
 class BasicBlock(nn.Module):
@@ -41,7 +64,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(SmallMapConv, use_bias=False, dtype=self.dtype)
         norm = batch_norm(train=train, dtype=self.dtype, axis_name=self.axis_name)
         s = (self.strides, self.strides)
 
