@@ -370,7 +370,6 @@ def bench_train(suite: Suite) -> dict[str, Any]:
         "steps": steps,
         "compile_s": compile_s,
         "policy_shared_vs_naive": policy,
-        "hook": "make_train_step(frozen_logits=...)" if tb.hook else "monkeypatch (bench.py)",
     }
 
 
