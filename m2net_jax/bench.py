@@ -744,7 +744,7 @@ def format_table(results: Mapping[str, Any]) -> str:
             lines.append(f"  {name:<24} {s['step_s']:>8.3f} {s['images_per_s']:>9.1f}")
         compiles = ", ".join(f"{name} {s:.1f}" for name, s in r["compile_s"].items())
         lines.append(f"  first call (trace + compile + run), s: {compiles}")
-        lines.append(f"  policy step, shared vs naive ({r['hook']}):")
+        lines.append("  policy step, shared vs naive (make_train_step(frozen_logits=...)):")
         for p in r["policy_shared_vs_naive"].values():
             same = (
                 "identical"
