@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from random_variables import random_variables
 
 from m2net_jax import fast_forward
 from m2net_jax import policy_gradient as pg
@@ -13,25 +14,6 @@ from m2net_jax.models import Recognizer
 
 N = 9  # ResNet-29
 B = 6
-
-
-def random_variables(module, *args, seed=0):
-    """Variables of `module` drawn at random (numpy, no compile): kernels N(0, 1/fan_in), BN
-    scales around 1, biases and means around 0, variances in [0.5, 1.5]. Unlike the init, no
-    block is the identity (a fresh block's last BN scale is zero)."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0.0, fan_in**-0.5, leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)  # bias, mean
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 class Model:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from random_variables import random_variables
 
 from m2net_jax import flops, geo
 from m2net_jax.inference import Predictor
@@ -16,30 +17,14 @@ K = 5
 EIFFEL = (48.858222, 2.2945)
 
 
-def random_variables(module, *args, seed=0):
-    """Variables of `module` drawn at random (numpy, no compile): kernels N(0, 1/fan_in), BN
-    scales around 1, biases and means around 0, variances in [0.5, 1.5]."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0.0, fan_in**-0.5, leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return rng.normal(0.0, 0.3, leaf.shape).astype(np.float32)  # bias, mean
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @pytest.fixture(scope="module")
 def predictor():
     rec = Recognizer(depth=29, num_classes=K, width=8, stem="small")
     pol = PolicyNetwork(num_blocks=N, width=8, stem="small")
-    v_rec = random_variables(rec, jnp.zeros((1, S, S, 3)), jnp.ones((1, N)), seed=1)
-    v_pol = random_variables(pol, jnp.zeros((1, S // 2, S // 2, 3)), jnp.zeros((1, 8)), seed=2)
+    v_rec = random_variables(rec, jnp.zeros((1, S, S, 3)), jnp.ones((1, N)), seed=1, bias_std=0.3)
+    v_pol = random_variables(
+        pol, jnp.zeros((1, S // 2, S // 2, 3)), jnp.zeros((1, 8)), seed=2, bias_std=0.3
+    )
     variables = {c: {"recognizer": v_rec[c], "policy": v_pol[c]} for c in ("params", "batch_stats")}
     names = [f"class{i}" for i in range(K)]
     return Predictor(rec, pol, variables, image_size=S, class_names=names)
