@@ -129,6 +129,7 @@ def summarize(correct, policies, *, config, models: train.Models, use_policy: bo
         num_classes=rec.num_classes,
         stem=rec.stem,
         conv_type=rec.conv_type,
+        geo_conditioning=rec.geo_conditioning,
     )
     per_image = flops_lib.flops_per_image(policies, rec_flops)
     policy_flops = 0.0

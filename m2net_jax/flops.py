@@ -16,7 +16,11 @@ total is 1.3% below ours (2.4% padding taps); on small feature maps, e.g. the po
 A dropped block costs nothing except, for the first block of a stage, its downsample (the
 projection shortcut runs either way), so one photo's recognizer FLOPs are
 
-    stem + Σ_n downsample_n + classifier + Σ_n p_n · block_n.
+    stem + Σ_n downsample_n + classifier (+ M²Net+'s location embedding) + Σ_n p_n · block_n.
+
+The compact backbones of §4.4 (`models.CONV_TYPES`) change only the convs inside the blocks:
+`CONV1X1_FLOPS` and `CONV3X3_FLOPS` give each one's cost. A grouped conv with G groups costs 1/G
+of the dense one (each filter sees C_in/G channels); a depthwise conv is the case G = C_in.
 
 Pure numpy, no Flax: the architecture constants below mirror `m2net_jax.models` (a test checks
 that the tables agree and that the totals match XLA's cost analysis of the real modules).
@@ -34,6 +38,7 @@ _STAGE_STRIDES = (1, 2, 2)
 _EXPANSION = 4
 _RESNET10_STAGES = ((1, 1), (2, 2), (4, 2), (8, 2))
 _LOC_MLP_FEATURES = (8, 128, 256, 256, 128)  # input size, then FC1–FC4 outputs
+_GEO_EMBED_HIDDEN = 128  # recognizer.GEO_EMBED_HIDDEN (M²Net+)
 
 
 def _out_size(size: int, kernel: int, stride: int) -> int:
@@ -47,9 +52,56 @@ def _conv(hw: tuple[int, int], kernel: int, c_in: int, c_out: int) -> int:
     return 2 * hw[0] * hw[1] * kernel * kernel * c_in * c_out
 
 
-# FLOPs of the bottleneck's 3×3 conv for each `models.CONV_TYPES` entry, as a function of
-# (output (H', W'), C_in, C_out). A new conv type must add its count here too.
-CONV3X3_FLOPS = {"standard": lambda hw, c_in, c_out: _conv(hw, 3, c_in, c_out)}
+def _grouped_conv(hw: tuple[int, int], kernel: int, c_in: int, c_out: int, groups: int) -> int:
+    """FLOPs of a k×k conv with `groups` feature groups: each filter sees C_in / groups channels."""
+    return _conv(hw, kernel, c_in // groups, c_out)
+
+
+def _hetconv3x3(parts: int):
+    """HetConv (part P): per filter, C_in/P channels with 3×3 kernels, the rest 1×1."""
+
+    def flops(hw, c_in, c_out):
+        return _grouped_conv(hw, 3, c_in, c_out, parts) + _conv(hw, 1, c_in - c_in // parts, c_out)
+
+    return flops
+
+
+def _dense(kernel: int):
+    return lambda hw, c_in, c_out: _conv(hw, kernel, c_in, c_out)
+
+
+def _grouped(kernel: int, groups: int):
+    return lambda hw, c_in, c_out: _grouped_conv(hw, kernel, c_in, c_out, groups)
+
+
+# FLOPs of the bottleneck's convs for each `models.CONV_TYPES` entry, as functions of
+# (output (H', W'), C_in, C_out): its two 1×1 convs (conv1, conv3) and its 3×3 (conv2). A new
+# conv type must add its counts to both (a test checks that the keys agree with the models').
+CONV1X1_FLOPS = {
+    "standard": _dense(1),
+    "mobilenet": _dense(1),
+    "shufflenet_g2": _grouped(1, 2),
+    "shufflenet_g4": _grouped(1, 4),
+    "hetconv_p2": _dense(1),
+    "hetconv_p4": _dense(1),
+}
+CONV3X3_FLOPS = {
+    "standard": _dense(3),
+    # Depthwise 3×3 (one 3×3 kernel per channel), then the pointwise 1×1.
+    "mobilenet": lambda hw, c_in, c_out: (
+        _grouped_conv(hw, 3, c_in, c_in, c_in) + _conv(hw, 1, c_in, c_out)
+    ),
+    # Depthwise 3×3 (C_out = C_in); the channel shuffle moves data, it does no arithmetic.
+    "shufflenet_g2": lambda hw, c_in, c_out: _grouped_conv(hw, 3, c_in, c_out, c_in),
+    "shufflenet_g4": lambda hw, c_in, c_out: _grouped_conv(hw, 3, c_in, c_out, c_in),
+    "hetconv_p2": _hetconv3x3(2),
+    "hetconv_p4": _hetconv3x3(4),
+}
+
+
+def geo_embedding_flops(features: int) -> int:
+    """FLOPs of M²Net+'s location embedding (`models.recognizer.GeoEmbedding`): 8 → 128 → C."""
+    return 2 * (8 * _GEO_EMBED_HIDDEN + _GEO_EMBED_HIDDEN * features)
 
 
 def _stem(hw: tuple[int, int], features: int, stem: str) -> tuple[int, tuple[int, int]]:
@@ -86,17 +138,20 @@ class RecognizerFlops:
       downsamples: (N,) int64, the projection shortcut of block n (0 unless n starts a stage),
         paid whatever p_n is.
       classifier: the final dense layer.
+      geo_embedding: M²Net+'s location embedding (0 without `geo_conditioning`).
     """
 
     stem: int
     blocks: np.ndarray
     downsamples: np.ndarray
     classifier: int
+    geo_embedding: int = 0
 
     @property
     def fixed(self) -> int:
-        """FLOPs every photo pays whatever its policy: stem, downsamples, classifier."""
-        return int(self.stem + self.downsamples.sum() + self.classifier)
+        """FLOPs every photo pays whatever its policy: stem, downsamples, classifier (and the
+        location embedding of M²Net+)."""
+        return int(self.stem + self.downsamples.sum() + self.classifier + self.geo_embedding)
 
     @property
     def full(self) -> int:
@@ -112,6 +167,7 @@ def recognizer_flops(
     image_size=224,
     stem: str = "imagenet",
     conv_type: str = "standard",
+    geo_conditioning: bool = False,
 ) -> RecognizerFlops:
     """Per-part FLOPs of `models.Recognizer` with the same arguments, on one photo.
 
@@ -121,7 +177,8 @@ def recognizer_flops(
       width: stage-1 bottleneck width (64 in the paper).
       image_size: photo size, an int or (H, W).
       stem: 'imagenet' or 'small'.
-      conv_type: the bottleneck's 3×3 conv, a key of `CONV3X3_FLOPS`.
+      conv_type: the bottleneck's convs, a key of `CONV3X3_FLOPS` (and `CONV1X1_FLOPS`).
+      geo_conditioning: M²Net+; counts the location embedding.
 
     Returns:
       A `RecognizerFlops`.
@@ -132,7 +189,7 @@ def recognizer_flops(
         raise ValueError(
             f"No FLOP count for conv_type {conv_type!r}; known: {sorted(CONV3X3_FLOPS)}"
         )
-    conv3x3 = CONV3X3_FLOPS[conv_type]
+    conv1x1, conv3x3 = CONV1X1_FLOPS[conv_type], CONV3X3_FLOPS[conv_type]
     stem_flops, hw = _stem(_as_hw(image_size), width, stem)
     c_in = width
     blocks, downsamples = [], []
@@ -143,9 +200,9 @@ def recognizer_flops(
             stride = stage_stride if i == 0 else 1
             out_hw = tuple(_out_size(s, 3, stride) for s in hw)
             blocks.append(
-                _conv(hw, 1, c_in, features)  # conv1 1×1, at the input resolution
+                conv1x1(hw, c_in, features)  # conv1 1×1, at the input resolution
                 + conv3x3(out_hw, features, features)  # conv2 3×3, carries the stride
-                + _conv(out_hw, 1, features, c_out)  # conv3 1×1
+                + conv1x1(out_hw, features, c_out)  # conv3 1×1
             )
             # A 1×1 stride-s conv's output size equals the 3×3 stride-s conv's (padding 0 vs 1).
             downsamples.append(_conv(out_hw, 1, c_in, c_out) if i == 0 else 0)
@@ -155,6 +212,7 @@ def recognizer_flops(
         blocks=_frozen(blocks),
         downsamples=_frozen(downsamples),
         classifier=2 * c_in * num_classes,
+        geo_embedding=geo_embedding_flops(c_in) if geo_conditioning else 0,
     )
 
 

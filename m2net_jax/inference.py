@@ -77,7 +77,7 @@ def _forward(variables, image, policy_image, location, *, recognizer, policy_net
         "params": variables["params"]["recognizer"],
         "batch_stats": variables["batch_stats"]["recognizer"],
     }
-    locations = location if getattr(recognizer, "geo_conditioning", False) else None
+    locations = location if recognizer.geo_conditioning else None
     logits = fast_forward.skipping_logits(recognizer, rec_vars, image, policy, locations=locations)
     return jax.nn.softmax(logits), keep_probs, policy
 
@@ -134,7 +134,7 @@ class Predictor:
             image_size=image_size,
             stem=rec.stem,
             conv_type=rec.conv_type,
-            **({"geo_conditioning": True} if getattr(rec, "geo_conditioning", False) else {}),
+            geo_conditioning=rec.geo_conditioning,
         )
         pol = self.policy_network
         self.policy_network_flops = flops_lib.policy_network_flops(

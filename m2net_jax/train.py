@@ -103,6 +103,7 @@ def create_models(config: ml_collections.ConfigDict, num_classes: int) -> Models
         width=config.recognizer.width,
         stem=config.recognizer.stem,
         conv_type=config.recognizer.conv_type,
+        geo_conditioning=config.recognizer.geo_conditioning,
         axis_name=AXIS,
     )
     policy = PolicyNetwork(
@@ -146,7 +147,7 @@ def _init_variables(models: Models, key: jax.Array, image_size: int) -> dict[str
 
 def location_kwargs(recognizer, locations) -> dict[str, Any]:
     """The recognizer's location argument: only M²Net+ recognizers take one."""
-    return {"locations": locations} if getattr(recognizer, "geo_conditioning", False) else {}
+    return {"locations": locations} if recognizer.geo_conditioning else {}
 
 
 def select_networks(variables: Mapping[str, Any], networks) -> dict[str, Any]:

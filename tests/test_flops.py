@@ -170,7 +170,81 @@ def test_location_mlp_is_counted_only_with_geo():
 
 def test_unknown_conv_type_or_policy_width_is_a_clear_error():
     with pytest.raises(ValueError, match="conv_type"):
-        flops.recognizer_flops(depth=29, num_classes=10, conv_type="mobilenet")
+        flops.recognizer_flops(depth=29, num_classes=10, conv_type="octconv")
     costs = flops.recognizer_flops(depth=29, num_classes=10)
     with pytest.raises(ValueError, match="9"):
         flops.flops_per_image(np.ones((2, 15)), costs)
+
+
+# --- Compact backbones (§4.4) and M²Net+ ---------------------------------------------------------
+
+
+def test_conv_type_tables_match_the_models():
+    assert set(flops.CONV1X1_FLOPS) == set(flops.CONV3X3_FLOPS) == set(models.CONV_TYPES)
+    assert flops._GEO_EMBED_HIDDEN == recognizer.GEO_EMBED_HIDDEN
+
+
+def _depthwise_taps(width):
+    """FLOPs of the depthwise 3×3 convs of a ResNet-29 on 32 px photos with the small stem:
+    three blocks per stage on 32², 16², 8² maps, of width·(1, 2, 4) channels."""
+    return sum(3 * 2 * hw * hw * 9 * width * 2**s for s, hw in enumerate((32, 16, 8)))
+
+
+@pytest.mark.parametrize(
+    "conv_type, geo_conditioning",
+    [
+        ("mobilenet", False),
+        ("shufflenet_g2", False),
+        ("shufflenet_g4", False),
+        ("hetconv_p2", False),
+        ("hetconv_p4", True),  # M²Net+ on a compact backbone: both extensions at once
+    ],
+)
+def test_compact_backbone_flops_match_xla_cost_analysis(conv_type, geo_conditioning):
+    kwargs = dict(
+        depth=29, num_classes=420, width=32, stem="small", conv_type=conv_type,
+        geo_conditioning=geo_conditioning,
+    )  # fmt: skip
+    model = models.Recognizer(**kwargs)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    policy = jax.ShapeDtypeStruct((1, model.num_blocks), jnp.float32)
+    locations = jax.ShapeDtypeStruct((1, 8), jnp.float32)
+
+    def forward(variables, images, policy, locations):
+        return model.apply(variables, images, policy, locations=locations)
+
+    variables = jax.eval_shape(
+        lambda key, x, p, loc: model.init(key, x, p, locations=loc),
+        jax.random.key(0), images, policy, locations,
+    )  # fmt: skip
+    args = (variables, images, policy, locations)
+    analytic = flops.recognizer_flops(**kwargs, image_size=32).full
+    # Depthwise convs run as shifted per-channel products (models.layers.DepthwiseConv), which
+    # XLA counts among the element-wise ops: k² multiplies and k² − 1 adds per output.
+    depthwise = _depthwise_taps(32) if conv_type.split("_")[0] in ("mobilenet", "shufflenet") else 0
+    assert _xla_matmul_flops(forward, *args, count_padding=True) + depthwise == analytic
+    elementwise = _xla_flops(forward, *args) - _xla_matmul_flops(
+        forward, *args, count_padding=False
+    )
+    # Compact convs do few multiply-adds per activation, so batch norm and ReLU weigh more.
+    assert 0 < elementwise - depthwise * 17 / 18 < 0.25 * analytic
+
+
+def test_compact_backbones_count_their_bottleneck_convs():
+    # ResNet-29, 224 px, width 64: stage 2's second block maps 512 → 128 → 128 → 512 on 28×28.
+    hw, c_in, f, c_out = 28 * 28, 512, 128, 512
+
+    def block(conv_type):
+        return int(flops.recognizer_flops(depth=29, num_classes=10, conv_type=conv_type).blocks[4])
+
+    conv1, conv3 = 2 * hw * c_in * f, 2 * hw * f * c_out
+    assert block("standard") == conv1 + 2 * hw * 9 * f * f + conv3
+    assert block("mobilenet") == conv1 + 2 * hw * (9 * f + f * f) + conv3
+    for g in (2, 4):  # grouped 1×1s at 1/G, depthwise 3×3
+        assert block(f"shufflenet_g{g}") == (conv1 + conv3) // g + 2 * hw * 9 * f
+    for p in (2, 4):  # each filter: f/P channels 3×3, the rest 1×1 (HetConv's Eqn)
+        assert block(f"hetconv_p{p}") == conv1 + 2 * hw * f * (9 * f // p + f - f // p) + conv3
+    plus = flops.recognizer_flops(depth=29, num_classes=10, geo_conditioning=True)
+    plain = flops.recognizer_flops(depth=29, num_classes=10)
+    assert plus.fixed - plain.fixed == plus.geo_embedding == 2 * (8 * 128 + 128 * 1024)
+    np.testing.assert_array_equal(plus.blocks, plain.blocks)

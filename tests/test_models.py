@@ -16,6 +16,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from m2net_jax.models import PolicyNetwork, Recognizer
+from m2net_jax.models.layers import channel_shuffle
+from m2net_jax.models.recognizer import GeoEmbedding
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -46,8 +48,18 @@ def _conv_bn(x, params, stats, stride, pad):
     return _bn(_conv(x, params["conv"]["kernel"], stride, pad), params["bn"], stats["bn"])
 
 
-def _reference_logits(variables, images, *, stem, blocks_per_stage, dropped=()):
-    """Eval-mode ResNet from the variables; blocks in `dropped` pass only their shortcut on."""
+def _standard_kernels(block_params):
+    """The dense kernels of a block's conv1, conv2, conv3 ('standard': they are the parameters)."""
+    return tuple(block_params[name]["kernel"] for name in ("conv1", "conv2", "conv3"))
+
+
+def _reference_logits(
+    variables, images, *, stem, blocks_per_stage, dropped=(), dense_kernels=_standard_kernels
+):
+    """Eval-mode ResNet from the variables; blocks in `dropped` pass only their shortcut on.
+
+    `dense_kernels(block_params)` gives the dense (HWIO) kernels equivalent to a block's three
+    convs, so compact backbones reuse this forward pass."""
     params, stats = variables["params"], variables["batch_stats"]
     x = (images - IMAGENET_MEAN) / IMAGENET_STD
     if stem == "small":
@@ -70,19 +82,20 @@ def _reference_logits(variables, images, *, stem, blocks_per_stage, dropped=()):
                 x = shortcut
             else:
                 p, s = params[f"stage{stage}_block{i}"], stats[f"stage{stage}_block{i}"]
-                y = jax.nn.relu(_bn(_conv(x, p["conv1"]["kernel"], 1, 0), p["bn1"], s["bn1"]))
-                y = jax.nn.relu(_bn(_conv(y, p["conv2"]["kernel"], stride, 1), p["bn2"], s["bn2"]))
-                y = _bn(_conv(y, p["conv3"]["kernel"], 1, 0), p["bn3"], s["bn3"])
+                k1, k2, k3 = dense_kernels(p)
+                y = jax.nn.relu(_bn(_conv(x, k1, 1, 0), p["bn1"], s["bn1"]))
+                y = jax.nn.relu(_bn(_conv(y, k2, stride, 1), p["bn2"], s["bn2"]))
+                y = _bn(_conv(y, k3, 1, 0), p["bn3"], s["bn3"])
                 x = jax.nn.relu(shortcut + y)
             n += 1
     return x.mean(axis=(1, 2)) @ params["classifier"]["kernel"] + params["classifier"]["bias"]
 
 
-def _random_variables(model, *inputs, seed):
+def _random_variables(model, *inputs, seed, **kwargs):
     """Variables of `model` filled with random numbers, so no block is trivially the identity (the
     last BN of each block starts with γ = 0). numpy fills them: compiling Flax's initialisers
     would cost seconds per model."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+    shapes = jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), *inputs)
     rng = np.random.default_rng(seed)
 
     def fill(path, shape):
@@ -93,24 +106,31 @@ def _random_variables(model, *inputs, seed):
     return jax.tree.map_with_path(fill, shapes)
 
 
-def _bottleneck_params(c_in, features):
+def _bottleneck_params(c_in, features, conv_type="standard"):
     # conv1 1×1, conv2 3×3, conv3 1×1 (×4), three BNs (scale + bias).
-    return (
-        c_in * features
-        + 9 * features**2
-        + 4 * features**2
-        + 2 * (features + features + 4 * features)
-    )
+    f = features
+    convs = {
+        "standard": c_in * f + 9 * f**2 + 4 * f**2,
+        # Depthwise 3×3 (9 per channel) + pointwise 1×1.
+        "mobilenet": c_in * f + (9 * f + f**2) + 4 * f**2,
+        # Grouped 1×1s see 1/G of their inputs; depthwise 3×3.
+        "shufflenet_g2": (c_in * f + 4 * f**2) // 2 + 9 * f,
+        "shufflenet_g4": (c_in * f + 4 * f**2) // 4 + 9 * f,
+        # Each of the f filters: 3×3 on f/P input channels, 1×1 on the other f − f/P.
+        "hetconv_p2": c_in * f + f * (9 * f // 2 + f // 2) + 4 * f**2,
+        "hetconv_p4": c_in * f + f * (9 * f // 4 + 3 * f // 4) + 4 * f**2,
+    }[conv_type]
+    return convs + 2 * (f + f + 4 * f)
 
 
-def _recognizer_param_count(*, blocks_per_stage, width, num_classes):
+def _recognizer_param_count(*, blocks_per_stage, width, num_classes, conv_type="standard"):
     count = 7 * 7 * 3 * width + 2 * width  # stem conv + BN
     c_in = width
     for stage in range(3):
         features = width * 2**stage
         count += c_in * 4 * features + 2 * 4 * features  # downsample conv + BN
         for _ in range(blocks_per_stage):
-            count += _bottleneck_params(c_in, features)
+            count += _bottleneck_params(c_in, features, conv_type)
             c_in = 4 * features
     return count + c_in * num_classes + num_classes
 
@@ -398,3 +418,167 @@ def test_policy_training_mode_updates_batch_stats(policy_inputs):
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert all(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+# --- Compact backbones (§4.4) ------------------------------------------------------------------
+#
+# Each compact conv is a dense conv with a structured kernel. The dense kernels are built here
+# from the parameters, following each backbone's definition, and run through `_reference_logits`.
+
+COMPACT = ("mobilenet", "shufflenet_g2", "shufflenet_g4", "hetconv_p2", "hetconv_p4")
+
+
+def _block_diagonal(kernel, groups):
+    """Grouped conv kernel (kh, kw, C_in/G, F) → dense (kh, kw, C_in, F): filters of group g
+    (the g-th F/G outputs) see only input channels of group g."""
+    kernel = np.asarray(kernel)
+    kh, kw, c, f = kernel.shape
+    dense = np.zeros((kh, kw, c * groups, f), np.float32)
+    fg = f // groups
+    for g in range(groups):
+        dense[:, :, g * c : (g + 1) * c, g * fg : (g + 1) * fg] = kernel[
+            :, :, :, g * fg : (g + 1) * fg
+        ]
+    return dense
+
+
+def _mobilenet_kernels(p):
+    depthwise = np.asarray(p["conv2"]["depthwise"]["kernel"])[:, :, 0, :]  # (3, 3, C)
+    pointwise = np.asarray(p["conv2"]["pointwise"]["kernel"])[0, 0]  # (C, F)
+    conv2 = np.einsum("hwi,io->hwio", depthwise, pointwise)
+    return p["conv1"]["kernel"], conv2, p["conv3"]["kernel"]
+
+
+def _shufflenet_kernels(groups):
+    def kernels(p):
+        depthwise = np.asarray(p["conv2"]["depthwise"]["kernel"])[:, :, 0, :]  # (3, 3, C)
+        c = depthwise.shape[-1]
+        conv2 = np.zeros((3, 3, c, c), np.float32)
+        for k in range(c):
+            # The shuffle puts input channel g·(C/G) + j at position j·G + g.
+            source = (k % groups) * (c // groups) + k // groups
+            conv2[:, :, source, k] = depthwise[:, :, k]
+        conv1 = _block_diagonal(p["conv1"]["kernel"], groups)
+        return conv1, conv2, _block_diagonal(p["conv3"]["kernel"], groups)
+
+    return kernels
+
+
+def _hetconv_kernels(parts):
+    def kernels(p):
+        conv2 = _block_diagonal(p["conv2"]["conv3x3"]["kernel"], parts)  # the 3×3 kernels
+        pointwise = np.asarray(p["conv2"]["conv1x1"]["kernel"])[0, 0]  # ((P − 1)·C/P, F)
+        c, f = conv2.shape[2] // parts, conv2.shape[3] // parts
+        for g in range(parts):  # filter group
+            for r in range(1, parts):  # its r-th other input group, (g + r) mod P
+                h = (g + r) % parts
+                rows = pointwise[(r - 1) * c : r * c, g * f : (g + 1) * f]
+                conv2[1, 1, h * c : (h + 1) * c, g * f : (g + 1) * f] = rows  # 1×1: centre tap
+        return p["conv1"]["kernel"], conv2, p["conv3"]["kernel"]
+
+    return kernels
+
+
+DENSE_KERNELS = {
+    "mobilenet": _mobilenet_kernels,
+    "shufflenet_g2": _shufflenet_kernels(2),
+    "shufflenet_g4": _shufflenet_kernels(4),
+    "hetconv_p2": _hetconv_kernels(2),
+    "hetconv_p4": _hetconv_kernels(4),
+}
+
+
+def test_channel_shuffle_interleaves_the_groups():
+    shuffled = channel_shuffle(jnp.arange(6.0)[None], 2)
+    np.testing.assert_array_equal(shuffled[0], [0, 3, 1, 4, 2, 5])
+    shuffled = channel_shuffle(jnp.arange(8.0), 4)
+    np.testing.assert_array_equal(shuffled, [0, 2, 4, 6, 1, 3, 5, 7])
+
+
+@pytest.mark.parametrize("conv_type", COMPACT)
+def test_compact_backbone_parameters_at_paper_size(conv_type):
+    model = Recognizer(depth=47, num_classes=420, width=64, stem="imagenet", conv_type=conv_type)
+    images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+    policy = jax.ShapeDtypeStruct((2, 15), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), images, policy)
+    logits = jax.eval_shape(model.apply, variables, images, policy)
+    assert logits.shape == (2, 420)
+    expected = _recognizer_param_count(
+        blocks_per_stage=5, width=64, num_classes=420, conv_type=conv_type
+    )
+    assert _count(variables["params"]) == expected
+
+
+@pytest.mark.parametrize("conv_type", COMPACT)
+def test_compact_backbone_is_a_resnet_with_structured_kernels_and_drops_blocks(conv_type):
+    model = Recognizer(**TINY, conv_type=conv_type)
+    images = jax.random.uniform(jax.random.key(10), (BATCH, 32, 32, 3))
+    # Per sample: all blocks; the first block of stage 2 dropped (its downsample stays); a
+    # middle block dropped (identity); the first and the last block dropped.
+    dropped_per_sample = [(), (3,), (4,), (0, 8)]
+    policy = np.ones((BATCH, model.num_blocks), np.float32)
+    for i, dropped in enumerate(dropped_per_sample):
+        policy[i, list(dropped)] = 0
+    variables = _random_variables(model, images, jnp.asarray(policy), seed=11)
+    logits = jax.jit(model.apply)(variables, images, policy)
+    for i, dropped in enumerate(dropped_per_sample):
+        expected = _reference_logits(
+            variables, images, stem="small", blocks_per_stage=3, dropped=set(dropped),
+            dense_kernels=DENSE_KERNELS[conv_type],
+        )  # fmt: skip
+        np.testing.assert_allclose(logits[i], expected[i], rtol=1e-4, atol=1e-4)
+
+
+def test_width_that_groups_do_not_divide_is_a_clear_error():
+    model = Recognizer(depth=29, num_classes=5, width=6, stem="small", conv_type="shufflenet_g4")
+    with pytest.raises(ValueError, match="multiple of 4"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.ones((1, 9)))
+
+
+# --- M²Net+: the location conditions the recognizer ---------------------------------------------
+
+
+def test_geo_conditioning_adds_a_location_embedding_before_the_classifier(policy_inputs):
+    _, locations = policy_inputs
+    images = jax.random.uniform(jax.random.key(12), (BATCH, 32, 32, 3))
+    plain = Recognizer(**TINY)
+    plus = Recognizer(**TINY, geo_conditioning=True)
+    policy = np.ones((BATCH, 9), np.float32)
+    policy[1, 3] = policy[2, [4, 7]] = 0
+    variables = _random_variables(plus, images, jnp.ones((BATCH, 9)), seed=13, locations=locations)
+    logits = jax.jit(plus.apply)(variables, images, policy, locations=locations)
+
+    # The same network without the embedding, plus the embedding written out (Dense → ReLU →
+    # Dense on the scaled location) through the classifier's weights.
+    params = dict(variables["params"])
+    embed = params.pop("geo_embedding")
+    plain_vars = {"params": params, "batch_stats": variables["batch_stats"]}
+    plain_forward = jax.jit(plain.apply)
+    plain_logits = plain_forward(plain_vars, images, policy)
+    hidden = jax.nn.relu(
+        (locations / LOCATION_SCALE) @ embed["fc1"]["kernel"] + embed["fc1"]["bias"]
+    )
+    embedding = hidden @ embed["fc2"]["kernel"] + embed["fc2"]["bias"]
+    expected = plain_logits + embedding @ params["classifier"]["kernel"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+    # Without geo_conditioning the location is ignored.
+    np.testing.assert_array_equal(
+        plain_forward(plain_vars, images, policy, locations=locations), plain_logits
+    )
+
+
+def test_geo_conditioned_recognizer_needs_locations_and_starts_as_the_plain_one():
+    plus = Recognizer(**TINY, geo_conditioning=True)
+    images, policy = jnp.zeros((2, 32, 32, 3)), jnp.ones((2, 9))
+    with pytest.raises(ValueError, match="geo_conditioning=True.*needs locations"):
+        jax.eval_shape(plus.init, jax.random.key(0), images, policy)
+    with pytest.raises(ValueError, match="needs locations"):
+        jax.eval_shape(
+            functools.partial(plus.init, locations=jnp.zeros((2, 2))),
+            jax.random.key(0), images, policy,
+        )  # fmt: skip
+    # The embedding's last layer starts at zero: untrained, M²Net+ is the plain recognizer.
+    fc2 = GeoEmbedding(16).init(jax.random.key(0), jnp.ones((1, 8)))["params"]["fc2"]
+    np.testing.assert_array_equal(fc2["kernel"], 0)
+    np.testing.assert_array_equal(fc2["bias"], 0)

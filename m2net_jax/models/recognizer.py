@@ -20,6 +20,12 @@ the downsample or the identity) and `head` (pool + classifier). For example, for
                      lambda: model.apply(v, x, n, method="shortcut"))
 
 gives the same activations as the masked `__call__`, without computing F_n when it is dropped.
+
+`conv_type` swaps the convolutions of every bottleneck branch for a compact backbone's (§4.4,
+`layers.CONV_TYPES`). `geo_conditioning=True` is M²Net+ (beyond the paper): the photo's location
+also reaches the recognizer, as a learned embedding added to the pooled features before the
+classifier (`GeoEmbedding`), so the classifier can use the location to tell twins apart even when
+the policy drops most blocks.
 """
 
 import functools
@@ -28,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from m2net_jax.geo import scale_location
 from m2net_jax.models.layers import CONV_TYPES, Stem, batch_norm, normalize_images, padding
 
 # Depth → bottleneck blocks per stage (§4.1.3): N = 3n = 9, 15, 21 droppable blocks.
@@ -36,13 +43,16 @@ BLOCKS_PER_STAGE = {29: 3, 47: 5, 65: 7}
 STAGE_STRIDES = (1, 2, 2)
 # Bottleneck output channels per bottleneck width (ResNet's bottleneck design).
 EXPANSION = 4
+# M²Net+'s location embedding: scaled 8-vector → this many ReLU units → the pooled width.
+GEO_EMBED_HIDDEN = 128
 
 
 class Bottleneck(nn.Module):
     """The residual branch F of a bottleneck block: (B, H, W, C) → (B, H/s, W/s, 4·features).
 
     The stride sits on the 3×3 conv, as in BlockDrop's (torchvision's) ResNet. No final ReLU: the
-    block adds the shortcut first.
+    block adds the shortcut first. `conv_type` picks the three convs (`layers.CONV_TYPES`); with
+    'standard' they are plain `nn.Conv`s named conv1, conv2, conv3.
     """
 
     features: int
@@ -53,15 +63,16 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-        conv3x3 = functools.partial(CONV_TYPES[self.conv_type], use_bias=False, dtype=self.dtype)
+        convs = CONV_TYPES[self.conv_type]
+        conv1x1 = functools.partial(convs.conv1x1, use_bias=False, dtype=self.dtype)
+        conv3x3 = functools.partial(convs.conv3x3, use_bias=False, dtype=self.dtype)
         norm = batch_norm(train=train, dtype=self.dtype, axis_name=self.axis_name)
 
-        y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+        y = nn.relu(norm(name="bn1")(conv1x1(self.features, (1, 1), name="conv1")(x)))
         s = (self.strides, self.strides)
         y = conv3x3(self.features, (3, 3), strides=s, padding=padding(3), name="conv2")(y)
         y = nn.relu(norm(name="bn2")(y))
-        y = conv(self.features * EXPANSION, (1, 1), name="conv3")(y)
+        y = conv1x1(self.features * EXPANSION, (1, 1), name="conv3")(y)
         # Zero γ: a fresh block is the identity, which trains deep ResNets from scratch more
         # stably (Goyal et al. 2017; as in Flax's ImageNet example).
         return norm(scale_init=nn.initializers.zeros, name="bn3")(y)
@@ -83,6 +94,22 @@ class Downsample(nn.Module):
         return norm(name="bn")(conv(self.features, (1, 1), strides=s, name="conv")(x))
 
 
+class GeoEmbedding(nn.Module):
+    """M²Net+: scaled location (B, 8) → Dense(128) → ReLU → Dense(C) → (B, C) float32.
+
+    The last layer starts at zero, so an untrained M²Net+ recognizer is the plain one and the
+    embedding grows only as far as the location helps.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, locations):
+        x = scale_location(jnp.asarray(locations, jnp.float32))
+        x = nn.relu(nn.Dense(GEO_EMBED_HIDDEN, name="fc1")(x))
+        return nn.Dense(self.features, kernel_init=nn.initializers.zeros, name="fc2")(x)
+
+
 class Recognizer(nn.Module):
     """ResNet-29/47/65 with per-photo block dropping (§4.1.3; BlockDrop's block semantics).
 
@@ -91,7 +118,10 @@ class Recognizer(nn.Module):
       num_classes: K, the classifier's outputs (420 / 732 for the paper's datasets).
       width: bottleneck width of stage 1; stages use width·(1, 2, 4) (outputs ×4).
       stem: 'imagenet' (7×7/2 conv + 3×3/2 max-pool, for ≥ 112 px) or 'small' (3×3/1 conv).
-      conv_type: the 3×3 conv inside each bottleneck, a key of `layers.CONV_TYPES`.
+      conv_type: the convs inside each bottleneck branch, a key of `layers.CONV_TYPES`:
+        'standard', 'mobilenet', 'shufflenet_g2'/'_g4', 'hetconv_p2'/'_p4' (§4.4).
+      geo_conditioning: M²Net+ — add a learned embedding of the location to the pooled features
+        before the classifier; `locations` must then be passed.
       dtype: computation dtype (parameters stay float32; logits are float32).
       axis_name: mapped axis over which batch norm statistics are averaged (synced BN), or None.
     """
@@ -101,6 +131,7 @@ class Recognizer(nn.Module):
     width: int = 64
     stem: str = "imagenet"
     conv_type: str = "standard"
+    geo_conditioning: bool = False
     dtype: Any = jnp.float32
     axis_name: str | None = None
 
@@ -122,6 +153,13 @@ class Recognizer(nn.Module):
         if self.conv_type not in CONV_TYPES:
             raise ValueError(
                 f"Unknown conv_type {self.conv_type!r}; choose one of {sorted(CONV_TYPES)}."
+            )
+        groups = CONV_TYPES[self.conv_type].groups
+        if self.width % groups:
+            raise ValueError(
+                f"conv_type {self.conv_type!r} splits channels into {groups} groups, so the "
+                f"width must be a multiple of {groups}; got width={self.width} "
+                "(config key recognizer.width)."
             )
         layer = dict(dtype=self.dtype, axis_name=self.axis_name)
         # The attribute cannot be `stem` (that is the stem-kind field); the scope is named 'stem'.
@@ -148,9 +186,12 @@ class Recognizer(nn.Module):
                 )
         self.blocks = blocks
         self.downsamples = downsamples
+        if self.geo_conditioning:
+            final = self.width * 2 ** (len(STAGE_STRIDES) - 1) * EXPANSION
+            self.geo_embedding = GeoEmbedding(final, name="geo_embedding")
         self.classifier = nn.Dense(self.num_classes, dtype=jnp.float32, name="classifier")
 
-    def __call__(self, images, policy, train: bool = False):
+    def __call__(self, images, policy, train: bool = False, locations=None):
         """Classifies photos along the blocks their policies keep.
 
         Args:
@@ -158,6 +199,8 @@ class Recognizer(nn.Module):
           policy: (B, N) float32 or bool, 1 = run block n; soft values in [0, 1] blend.
           train: batch statistics (and their running averages, in the mutable 'batch_stats'
             collection) instead of the running averages.
+          locations: (B, 8) raw DMS location vectors (`m2net_jax.geo.encode_location`); required
+            with `geo_conditioning` (M²Net+), ignored otherwise.
 
         Returns:
           (B, K) float32 logits.
@@ -171,7 +214,7 @@ class Recognizer(nn.Module):
         x = self.embed(images, train=train)
         for n in range(self.num_blocks):
             x = self.block(x, policy[:, n], n, train=train)
-        return self.head(x)
+        return self.head(x, locations)
 
     def embed(self, images, train: bool = False):
         """(B, H, W, 3) in [0, 1] → normalised → stem → (B, H', W', width)."""
@@ -190,6 +233,20 @@ class Recognizer(nn.Module):
         kept = nn.relu(shortcut + self.blocks[index](x, train))
         return keep * kept + (1 - keep) * shortcut
 
-    def head(self, x):
-        """(B, H, W, C) → global average pool → (B, K) float32 logits."""
-        return self.classifier(jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+    def head(self, x, locations=None):
+        """(B, H, W, C) → global average pool (+ location embedding) → (B, K) float32 logits.
+
+        `locations` (B, 8) raw DMS vectors are required with `geo_conditioning`, else ignored.
+        """
+        features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.geo_conditioning:
+            if locations is None or locations.shape != (x.shape[0], 8):
+                shape = None if locations is None else locations.shape
+                raise ValueError(
+                    f"Recognizer(geo_conditioning=True) (M²Net+) needs locations of shape "
+                    f"(B, 8) = ({x.shape[0]}, 8), raw DMS vectors "
+                    f"(m2net_jax.geo.encode_location); got {shape}. Pass "
+                    "locations=batch['location'], or set recognizer.geo_conditioning=False."
+                )
+            features = features + self.geo_embedding(locations)
+        return self.classifier(features)
