@@ -70,7 +70,13 @@ def predict_step(variables, batch, *, models: train.Models, use_policy: bool):
     return {"correct": jnp.argmax(logits, -1) == batch["label"], "policy": policy > 0.5}
 
 
+@functools.lru_cache(maxsize=16)
 def make_predict_step(models: train.Models, mesh, *, use_policy: bool):
+    """The jitted, data-parallel `predict_step` over `mesh`.
+
+    Cached: equal models on one mesh (every stage's evaluation, systems that differ only in
+    their reward) share one compiled program.
+    """
     step = functools.partial(predict_step, models=models, use_policy=use_policy)
     return jax.jit(
         jax.shard_map(

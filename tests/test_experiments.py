@@ -19,14 +19,16 @@ PLOTS = (
 
 @pytest.fixture(scope="module")
 def smoke_suite(smoke_data_dir, tmp_path_factory):
-    """The smoke suite run once: (workdir, report text, systems)."""
+    """The smoke suite run once: (workdir, report directory, report text, systems)."""
     workdir = str(tmp_path_factory.mktemp("suite"))
-    report = experiments.run_suite("smoke", workdir, data_dir=smoke_data_dir)
+    report_dir = str(tmp_path_factory.mktemp("docs"))
+    report = experiments.run_suite("smoke", workdir, data_dir=smoke_data_dir, report_dir=report_dir)
+    assert report == os.path.join(report_dir, "report.md")
     with open(report) as f:
         text = f.read()
     base = experiments.load_config(experiments.SUITES["smoke"].config)
     systems = experiments.suite_systems(experiments.SUITES["smoke"], base)
-    return workdir, text, systems
+    return workdir, report_dir, text, systems
 
 
 def test_every_suite_has_every_system_of_the_paper_and_m2net_plus():
@@ -71,18 +73,19 @@ def test_an_unknown_override_or_suite_is_a_clear_error(tmp_path):
 
 
 def test_smoke_suite_reports_every_system_and_writes_every_plot(smoke_suite):
-    workdir, text, systems = smoke_suite
+    _, report_dir, text, systems = smoke_suite
     for system in systems:
         assert f"| {system.label} |" in text, system.name
     for plot in PLOTS:
-        path = os.path.join(workdir, plot)
+        path = os.path.join(report_dir, plot)
         assert os.path.getsize(path) > 1000, plot
+        assert f"]({plot})" in text, plot
     for claim in ("BlockDrop (Table 3)", "Remove-U > Remove-MLP", "M²Net on MobileNet"):
         assert claim in text
 
 
 def test_systems_share_a_finished_pretraining_instead_of_repeating_it(smoke_suite):
-    workdir, _, _ = smoke_suite
+    workdir, _, _, _ = smoke_suite
     for name in ("m2net", "blockdrop", "remove_u", "m2net_penalty_x0.5"):
         with open(os.path.join(workdir, name, "shared_pretrain.json")) as f:
             assert json.load(f)["source"] == os.path.join(workdir, "baseline_r29")
@@ -96,7 +99,7 @@ def test_systems_share_a_finished_pretraining_instead_of_repeating_it(smoke_suit
 
 
 def test_rerun_skips_finished_systems_and_rejects_a_changed_one(smoke_suite, smoke_data_dir):
-    workdir, _, systems = smoke_suite
+    workdir, _, _, systems = smoke_suite
     suite = experiments.SUITES["smoke"]
     base = experiments.load_config(suite.config)
     base.data.data_dir = smoke_data_dir
