@@ -23,6 +23,10 @@ Parts (`--parts`, default all):
   half of the blocks (every other block: Pr = ⌈N/2⌉/N), with the FLOPs-predicted speedup.
 - uniqueness: Eqn 2 at M up to 65,536, N = 21: `policy_gradient.uniqueness` (O(M·N)) vs the
   pairwise definition (an M×M Hamming matrix), time and XLA's memory estimate.
+- convs: forward + backward time of the compact backbones' convolutions (§4.4) as
+  `models.layers` computes them (grouped as dense convs on channel slices, depthwise as k²
+  shifted products, HetConv as a grouped 3×3 plus a grouped 1×1) vs `nn.Conv` with
+  `feature_group_count`, and vs the dense conv each replaces, at the suite's stage-1 sizes.
 - pipeline: images/s of the grain training pipeline vs what the training steps consume.
 
 Weights are random (kernels He-normal, BN statistics at identity): speed does not depend on
@@ -51,7 +55,7 @@ from m2net_jax import flops as flops_lib
 from m2net_jax import policy_gradient as pg
 from m2net_jax.models import PolicyNetwork, Recognizer
 
-PARTS = ("train", "frozen", "eval", "latency", "uniqueness", "pipeline")
+PARTS = ("train", "frozen", "eval", "latency", "uniqueness", "convs", "pipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -634,6 +638,72 @@ def bench_uniqueness(suite: Suite) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
+# The compact backbones' convolutions.
+
+
+def bench_convs(suite: Suite) -> dict[str, Any]:
+    """Forward + backward seconds of each compact conv: as computed here, with XLA's grouped
+    convolution (`feature_group_count`), and the dense conv it stands in for.
+
+    Sizes: the stage-1 bottleneck of the suite's recognizer — its reducing 1×1 (4·width →
+    width channels) and its 3×3 (width → width) on image_size² maps, a training batch.
+    """
+    import flax.linen as nn
+
+    from m2net_jax.models import layers
+
+    w, hw, batch = suite.width, suite.image_size, suite.train_batch
+    wide = jnp.ones((batch, hw, hw, 4 * w), jnp.float32)
+    narrow = jnp.ones((batch, hw, hw, w), jnp.float32)
+    cases = {
+        "grouped 1x1, G=4": (
+            wide,
+            {
+                "ours": layers.GroupedConv(w, (1, 1), groups=4),
+                "feature_group_count": nn.Conv(w, (1, 1), feature_group_count=4, use_bias=False),
+                "dense": nn.Conv(w, (1, 1), use_bias=False),
+            },
+        ),
+        "depthwise 3x3": (
+            narrow,
+            {
+                "ours": layers.DepthwiseConv((3, 3)),
+                "feature_group_count": nn.Conv(w, (3, 3), feature_group_count=w, use_bias=False),
+                "dense": nn.Conv(w, (3, 3), use_bias=False),
+            },
+        ),
+        "HetConv 3x3, P=4": (
+            narrow,
+            {
+                "ours": layers.HetConv(w, (3, 3), parts=4),
+                "dense": nn.Conv(w, (3, 3), use_bias=False),
+            },
+        ),
+    }
+    rows = {}
+    for case, (x, modules) in cases.items():
+        calls = {}
+        for name, module in modules.items():
+            params = module.init(jax.random.key(0), x)
+
+            def loss(params, x, module=module):
+                return jnp.mean(jnp.square(module.apply(params, x)))
+
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            calls[name] = functools.partial(_block(step), params, x)
+        times = _interleaved(calls, max(3, suite.reps))
+        ms = {name: 1e3 * _median(t) for name, t in times.items()}
+        rows[case] = {
+            "ms": ms,
+            "dense_over_ours": ms["dense"] / ms["ours"],
+            "feature_group_count_over_ours": (
+                ms["feature_group_count"] / ms["ours"] if "feature_group_count" in ms else None
+            ),
+        }
+    return {"batch": batch, "image_size": hw, "width": w, "cases": rows}
+
+
+# ----------------------------------------------------------------------------------------------
 # Input pipeline.
 
 
@@ -702,6 +772,7 @@ def run(suite_name: str, *, parts=PARTS, data_dir: str | None = None) -> dict[st
         "eval": lambda: bench_eval(suite),
         "latency": lambda: bench_latency(suite),
         "uniqueness": lambda: bench_uniqueness(suite),
+        "convs": lambda: bench_convs(suite),
     }
     for part in PARTS:
         if part not in parts:
@@ -808,6 +879,20 @@ def format_table(results: Mapping[str, Any]) -> str:
                 f"  {row['M']:>6} {row['N']:>3} {_fmt(row['counts_ms'], 3):>10} "
                 f"{_fmt(mb(row['counts_bytes']), 3):>10} {_fmt(row.get('pairwise_ms'), 1):>12} "
                 f"{_fmt(mb(row['pairwise_bytes']), 1):>12}"
+            )
+    if "convs" in results:
+        r = results["convs"]
+        lines += [
+            "",
+            f"compact convs, forward + backward (batch {r['batch']}, {r['image_size']} px, "
+            f"width {r['width']}), ms:",
+            f"  {'':<20} {'ours':>8} {'grouped XLA':>12} {'dense':>8}",
+        ]
+        for case, row in r["cases"].items():
+            ms = row["ms"]
+            lines.append(
+                f"  {case:<20} {ms['ours']:>8.2f} {_fmt(ms.get('feature_group_count'), 2):>12} "
+                f"{ms['dense']:>8.2f}"
             )
     if "pipeline" in results:
         r = results["pipeline"]

@@ -10,8 +10,8 @@ import pytest
 from m2net_jax import bench
 
 
-def test_smoke_suite_reports_latency_and_uniqueness_as_json_and_a_table():
-    results = bench.run("smoke", parts=("latency", "uniqueness"))
+def test_smoke_suite_reports_latency_uniqueness_and_convs_as_json_and_a_table():
+    results = bench.run("smoke", parts=("latency", "uniqueness", "convs"))
     json.dumps(results)  # Serialisable as written by --json.
     assert results["device"]["device_kind"]
     latency = results["latency"]
@@ -23,8 +23,12 @@ def test_smoke_suite_reports_latency_and_uniqueness_as_json_and_a_table():
     assert [row["M"] for row in rows] == [256, 1024]
     for row in rows:  # The O(M·N) counts agree with the pairwise definition.
         assert row["max_difference"] < 1e-6
+    cases = results["convs"]["cases"]
+    assert set(cases) == {"grouped 1x1, G=4", "depthwise 3x3", "HetConv 3x3, P=4"}
+    assert all(row["ms"]["ours"] > 0 and row["ms"]["dense"] > 0 for row in cases.values())
     table = bench.format_table(results)
     assert "speedup over the full ResNet" in table and "uniqueness" in table
+    assert "compact convs" in table
 
 
 def test_pairwise_uniqueness_is_eqn_2():
