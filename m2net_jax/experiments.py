@@ -158,7 +158,7 @@ SUITES = {
         config="configs/quickstart.py",
         description=(
             "every system on the embedded geo_twins set (32 px, 32 classes), ResNet-29 of "
-            "width 16, the quickstart config with a shorter schedule; about 2 hours on a 2-core "
+            "width 16, the quickstart config with a shorter schedule; about 1.5 hours on a 2-core "
             "CPU (BUILD_NOTES.md)."
         ),
         penalty_scales=(0.5, 2.0),
@@ -851,7 +851,7 @@ def _figure5(suite, systems, workdir, configs, results, report_dir) -> list[str]
         for system, key, title in (
             (m2net, "same_city", f"(a) M²Net: one city ({examples['city']}), different landmarks"),
             (m2net, "twins", f"(b) M²Net: look-alike {examples['archetype']}s, different cities"),
-            (blockdrop, "twins", "(c) BlockDrop: the same look-alikes, no location"),
+            (blockdrop, "twins", "(c) BlockDrop (no location): the same look-alikes"),
         ):
             paths = None
             if results[system.name] is not None:
@@ -907,6 +907,17 @@ def _max_rows(panels) -> int:
     return max([len(batch["names"]) for _, batch, _ in panels] or [2])
 
 
+def accuracy_difference_std(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
+    """Standard deviation, in points, of the difference of two test accuracies from their
+    binomial sampling noise: √(p_a(1 − p_a)/n_a + p_b(1 − p_b)/n_b) · 100.
+
+    The two systems' test photos are the same, so this overstates the noise of a paired
+    comparison somewhat; it is the scale below which a difference means nothing.
+    """
+    variance = sum(r["accuracy"] * (1 - r["accuracy"]) / r["num_examples"] for r in (a, b))
+    return 100 * float(np.sqrt(variance))
+
+
 def _claims(systems, results, configs) -> list[str]:
     """The paper's claims, checked on this suite's numbers (a statement per claim)."""
     r = results
@@ -917,7 +928,11 @@ def _claims(systems, results, configs) -> list[str]:
 
     if r.get("m2net") and r.get("blockdrop"):
         delta = acc("m2net") - acc("blockdrop")
-        verdict = "holds" if delta > 0 else "does not hold"
+        noise = 2 * accuracy_difference_std(r["m2net"], r["blockdrop"])
+        if abs(delta) < noise:
+            verdict = f"not shown: the difference is within noise (2σ = {noise:.2f} points)"
+        else:
+            verdict = "holds" if delta > 0 else "does not hold"
         lines.append(
             f"- M²Net more accurate than BlockDrop (Table 3): {acc('m2net'):.2f}% vs "
             f"{acc('blockdrop'):.2f}% ({delta:+.2f} points) — {verdict}."
@@ -936,21 +951,24 @@ def _claims(systems, results, configs) -> list[str]:
         delta = acc("m2net") - acc(baseline)
         lines.append(
             f"- M²Net against its ResNet-{depth}: FLOPs per photo {change:+.1f}% (policy network "
-            f"included), accuracy {delta:+.2f} points (paper, ResNet-47 on Landmark-420: 36% "
-            "faster, +4.8 points)."
+            f"included), accuracy {delta:+.2f} points "
+            f"(2σ noise {2 * accuracy_difference_std(r['m2net'], r[baseline]):.2f}; paper, "
+            "ResNet-47 on Landmark-420: 36% faster, +4.8 points)."
         )
     for system in systems:
         if system.group == "compatibility" and r.get(system.name) and r.get(system.backbone):
             before, after = r[system.backbone], r[system.name]
             lines.append(
                 f"- M²Net on {COMPACT_BACKBONES[system.backbone]} (Fig. 11): accuracy "
-                f"{100 * (after['accuracy'] - before['accuracy']):+.2f} points, FLOPs "
+                f"{100 * (after['accuracy'] - before['accuracy']):+.2f} points "
+                f"(2σ noise {2 * accuracy_difference_std(after, before):.2f}), FLOPs "
                 f"{100 * (after['flops_mean'] / before['flops_mean'] - 1):+.1f}%."
             )
     if r.get("m2net_plus") and r.get("m2net"):
         lines.append(
             f"- M²Net+ (location also in the recognizer; not in the paper): "
-            f"{acc('m2net_plus'):.2f}% vs M²Net {acc('m2net'):.2f}%."
+            f"{acc('m2net_plus'):.2f}% vs M²Net {acc('m2net'):.2f}% (2σ noise "
+            f"{2 * accuracy_difference_std(r['m2net_plus'], r['m2net']):.2f} points)."
         )
     return lines or ["Not enough finished systems to check the claims."]
 

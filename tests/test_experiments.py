@@ -62,6 +62,14 @@ def test_every_suite_has_every_system_of_the_paper_and_m2net_plus():
                 assert c.stages[stage].penalty == s.penalty_scale * base.stages[stage].penalty
 
 
+def test_accuracy_noise_is_the_binomial_standard_deviation_of_the_difference():
+    a = {"accuracy": 0.5, "num_examples": 100}  # variance 0.25 / 100 each
+    b = {"accuracy": 0.1, "num_examples": 400}  # variance 0.09 / 400
+    expected = 100 * (0.25 / 100 + 0.09 / 400) ** 0.5
+    assert experiments.accuracy_difference_std(a, b) == pytest.approx(expected)
+    assert experiments.accuracy_difference_std(a, a) == pytest.approx(100 * 0.005**0.5)
+
+
 def test_an_unknown_override_or_suite_is_a_clear_error(tmp_path):
     suite = experiments.SUITES["smoke"]
     base = experiments.load_config(suite.config)

@@ -125,12 +125,13 @@ def _pad_pairs(padding, kernel_size) -> tuple[tuple[int, int], ...]:
 
 
 # Why grouped and depthwise convs are computed by hand below, not with `feature_group_count`:
-# on XLA:CPU a grouped convolution (forward + backward) runs 3–16× slower than the *dense* conv
-# it replaces and a depthwise one 1.6–6× slower (measured at the geo_twins sizes, BUILD_NOTES),
-# which would make the compact backbones the slowest systems of the comparison on a CPU. Slicing
-# the channels into G dense convs, and a depthwise conv as k² shifted per-channel products, cost
-# what their FLOPs say on every backend. Parameters keep `nn.Conv(feature_group_count=G)`'s
-# layout: one kernel (kh, kw, C_in / G, F), filters of group g being the g-th F / G.
+# on XLA:CPU a grouped convolution (forward + backward) runs several times slower than the *dense*
+# conv it replaces (`python -m m2net_jax.bench --suite=quick --parts=convs`; BUILD_NOTES has the
+# numbers), which would make the compact backbones the slowest systems of the comparison on a
+# CPU. Slicing the channels into G dense convs, and a depthwise conv as k² shifted per-channel
+# products, is several times faster there, though still memory-bound: on a CPU these layers do not
+# get as fast as their FLOPs say. Parameters keep `nn.Conv(feature_group_count=G)`'s layout: one
+# kernel (kh, kw, C_in / G, F), filters of group g being the g-th F / G.
 
 
 class GroupedConv(nn.Module):
