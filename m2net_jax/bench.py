@@ -176,9 +176,17 @@ def models_for(suite: Suite, *, axis_name: str | None = None) -> tuple[Recognize
     return rec, pol
 
 
-def random_variables(module, *args, seed: int = 0):
-    """Random variables of `module` without compiling its init: He-normal kernels, BN at the
-    identity (mean 0, variance 1, scale 1), small random biases."""
+def random_variables(
+    module, *args, seed: int = 0, kernel_gain: float = 2.0, random_bn: bool = False,
+    bias_std: float = 0.1,
+):  # fmt: skip
+    """Random variables of `module` without compiling its init (which costs tens of seconds for
+    a ResNet on 2 cores; drawing `jax.eval_shape`'s shapes with numpy costs none).
+
+    Kernels N(0, kernel_gain / fan_in) (2: He-normal); BN at the identity (mean 0, variance 1,
+    scale 1), or with `random_bn` scales and variances in [0.5, 1.5] and means N(0, bias_std);
+    biases N(0, bias_std).
+    """
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)
 
@@ -186,12 +194,14 @@ def random_variables(module, *args, seed: int = 0):
         name = path[-1].key
         if name == "kernel":
             fan_in = int(np.prod(leaf.shape[:-1]))
-            return rng.normal(0.0, (2.0 / fan_in) ** 0.5, leaf.shape).astype(np.float32)
+            return rng.normal(0.0, (kernel_gain / fan_in) ** 0.5, leaf.shape).astype(np.float32)
         if name in ("scale", "var"):
+            if random_bn:
+                return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
             return np.ones(leaf.shape, np.float32)
-        if name == "mean":
+        if name == "mean" and not random_bn:
             return np.zeros(leaf.shape, np.float32)
-        return rng.normal(0.0, 0.1, leaf.shape).astype(np.float32)
+        return rng.normal(0.0, bias_std, leaf.shape).astype(np.float32)  # bias (and mean)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -234,17 +244,6 @@ def random_batch(suite: Suite, batch: int, seed: int = 0) -> dict[str, np.ndarra
 def half_policy(num_blocks: int) -> np.ndarray:
     """The latency benchmark's fixed policy: every other block, ⌈N/2⌉ of N kept (Pr ≈ 0.53)."""
     return (np.arange(num_blocks) % 2 == 0).astype(np.float32)
-
-
-def _recognizer_flops(suite: Suite, rec: Recognizer):
-    return flops_lib.recognizer_flops(
-        depth=rec.depth,
-        num_classes=rec.num_classes,
-        width=rec.width,
-        image_size=suite.image_size,
-        stem=rec.stem,
-        conv_type=rec.conv_type,
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +554,7 @@ def bench_latency(suite: Suite) -> dict[str, Any]:
     latency_ms = {name: 1e3 * min(t) for name, t in times.items()}
     median_ms = {name: 1e3 * _median(t) for name, t in times.items()}
 
-    parts = _recognizer_flops(suite, rec)
+    parts = rec.flops(suite.image_size)
     policy_flops = flops_lib.policy_network_flops(
         num_blocks=n, image_size=suite.image_size // 2, width=pol.width, stem=pol.stem
     )

@@ -128,15 +128,7 @@ def summarize(correct, policies, *, config, models: train.Models, use_policy: bo
     rec = models.recognizer
     n = rec.num_blocks
     blocks = policies.sum(-1)
-    rec_flops = flops_lib.recognizer_flops(
-        depth=rec.depth,
-        width=rec.width,
-        image_size=config.data.image_size,
-        num_classes=rec.num_classes,
-        stem=rec.stem,
-        conv_type=rec.conv_type,
-        geo_conditioning=rec.geo_conditioning,
-    )
+    rec_flops = rec.flops(config.data.image_size)
     per_image = flops_lib.flops_per_image(policies, rec_flops)
     policy_flops = 0.0
     if use_policy:

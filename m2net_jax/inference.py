@@ -126,16 +126,7 @@ class Predictor:
         )
         self.image_size = image_size
         self.class_names = None if class_names is None else tuple(class_names)
-        rec = self.recognizer
-        self.recognizer_flops = flops_lib.recognizer_flops(
-            depth=rec.depth,
-            num_classes=rec.num_classes,
-            width=rec.width,
-            image_size=image_size,
-            stem=rec.stem,
-            conv_type=rec.conv_type,
-            geo_conditioning=rec.geo_conditioning,
-        )
+        self.recognizer_flops = self.recognizer.flops(image_size)
         pol = self.policy_network
         self.policy_network_flops = flops_lib.policy_network_flops(
             num_blocks=pol.num_blocks,

@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from m2net_jax import flops as flops_lib
 from m2net_jax.geo import scale_location
 from m2net_jax.models.layers import CONV_TYPES, Stem, batch_norm, normalize_images, padding
 
@@ -148,6 +149,19 @@ class Recognizer(nn.Module):
     def num_blocks(self) -> int:
         """N, the number of droppable blocks (9, 15 or 21)."""
         return len(STAGE_STRIDES) * self.blocks_per_stage
+
+    def flops(self, image_size) -> flops_lib.RecognizerFlops:
+        """Analytic FLOPs of this recognizer's parts on one photo of `image_size` (int or (H, W)),
+        as `m2net_jax.flops.recognizer_flops` counts them. Works on the unbound module."""
+        return flops_lib.recognizer_flops(
+            depth=self.depth,
+            num_classes=self.num_classes,
+            width=self.width,
+            image_size=image_size,
+            stem=self.stem,
+            conv_type=self.conv_type,
+            geo_conditioning=self.geo_conditioning,
+        )
 
     def setup(self):
         if self.conv_type not in CONV_TYPES:
