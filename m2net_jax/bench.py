@@ -274,18 +274,19 @@ class TrainBench:
     def __init__(self, suite: Suite, mesh=None):
         import optax
 
-        from m2net_jax import train
+        from m2net_jax import state as state_lib
+        from m2net_jax import steps
 
-        self.train = train
+        self.state_lib, self.steps = state_lib, steps
         self.suite = suite
-        self.mesh = train.make_mesh() if mesh is None else mesh
-        rec, pol = models_for(suite, axis_name=train.AXIS)
-        self.models = train.Models(recognizer=rec, policy=pol)
+        self.mesh = steps.make_mesh() if mesh is None else mesh
+        rec, pol = models_for(suite, axis_name=state_lib.AXIS)
+        self.models = state_lib.Networks(recognizer=rec, policy=pol)
         self.num_blocks = rec.num_blocks
         # Host copies: every state made from them gets its own device buffers, which its step
         # donates.
         self.variables = jax.device_get(both_variables(suite, rec, pol))
-        self.batch = train.shard_batch(random_batch(suite, suite.train_batch), self.mesh)
+        self.batch = steps.shard_batch(random_batch(suite, suite.train_batch), self.mesh)
         # configs/base.py's optimizers and penalties (the optimizer is a small part of a step).
         self.stage_setup = {
             "pretrain": (optax.sgd(0.1, momentum=0.9, nesterov=True), 0.0),
@@ -295,20 +296,21 @@ class TrainBench:
 
     def state_at(self, stage: str, k: int):
         """A fresh replicated TrainState of `stage` whose step puts the curriculum at k."""
-        spec = self.train.STAGE_SPECS[stage]
+        spec = self.state_lib.STAGE_SPECS[stage]
         tx = self.stage_setup[stage][0]
-        state = self.train.create_train_state(self.variables, spec, tx, jax.random.PRNGKey(0))
+        key = jax.random.PRNGKey(0)
+        state = self.state_lib.create_train_state(self.variables, spec, tx, key)
         state = state.replace(step=jnp.asarray((k - 1) * self.STEPS_PER_EPOCH, jnp.int32))
-        return self.train.replicate(state, self.mesh)
+        return self.steps.replicate(state, self.mesh)
 
     def _compiled(self, stage: str, models, **kwargs):
-        train = self.train
         tx, penalty = self.stage_setup[stage]
-        hp = train.Hyper(
+        hp = self.steps.LossHyperparams(
             theta_s=1.0, theta_d=0.5, penalty=penalty, entropy_weight=0.1, bound=0.8,
             steps_per_epoch=self.STEPS_PER_EPOCH, curriculum_epochs=1,
         )  # fmt: skip
-        step = train.make_train_step(train.STAGE_SPECS[stage], models, hp, tx, self.mesh, **kwargs)
+        spec = self.state_lib.STAGE_SPECS[stage]
+        step = self.steps.make_train_step(spec, models, hp, tx, self.mesh, **kwargs)
         return step.lower(self.state_at(stage, self.num_blocks), self.batch).compile()
 
     def step(self, stage: str):
@@ -455,15 +457,16 @@ def bench_frozen(suite: Suite) -> dict[str, Any]:
 
 def bench_eval(suite: Suite) -> dict[str, Any]:
     """Images/s of evaluation's predict step, and masked vs skipping batched forwards."""
-    from m2net_jax import evaluate, train
+    from m2net_jax import state as state_lib
+    from m2net_jax import steps
 
-    mesh = train.make_mesh()
-    rec, pol = models_for(suite, axis_name=train.AXIS)
-    models = train.Models(recognizer=rec, policy=pol)
-    variables = train.replicate(both_variables(suite, rec, pol), mesh)
+    mesh = steps.make_mesh()
+    rec, pol = models_for(suite, axis_name=state_lib.AXIS)
+    models = state_lib.Networks(recognizer=rec, policy=pol)
+    variables = steps.replicate(both_variables(suite, rec, pol), mesh)
     host_batch = random_batch(suite, suite.eval_batch, seed=1)
-    batch = train.shard_batch(host_batch, mesh)
-    predict = evaluate.make_predict_step(models, mesh, use_policy=True)
+    batch = steps.shard_batch(host_batch, mesh)
+    predict = steps.make_predict_step(models, mesh, use_policy=True)
 
     plain = rec.clone(axis_name=None)
     device = jax.devices()[0]

@@ -49,9 +49,9 @@ import numpy as np
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 
-from m2net_jax import checkpoint as ckpt
-from m2net_jax import evaluate, train
+from m2net_jax import checkpoint, results, train
 from m2net_jax import policy_gradient as pg
+from m2net_jax.state import STAGES, network_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,7 +103,7 @@ class System:
     label: str
     group: str
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    stages: tuple[str, ...] = train.STAGES
+    stages: tuple[str, ...] = STAGES
     shares_pretrain: str | None = None
     backbone: str | None = None
     kind: str | None = None
@@ -318,7 +318,7 @@ def _pretrain_source(suite, system, systems_by_name, base_config):
 
 
 def _has_checkpoint(workdir: str, stage: str) -> bool:
-    directory = ckpt.stage_directory(workdir, stage)
+    directory = checkpoint.stage_directory(workdir, stage)
     return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
@@ -331,16 +331,16 @@ def _share_pretrain(source_dir: str, target_dir: str) -> bool:
     marker = os.path.join(target_dir, "shared_pretrain.json")
     if os.path.exists(marker):
         return True
-    if "pretrain" not in evaluate.read_results(source_dir) or not _has_checkpoint(
+    if "pretrain" not in results.read_results(source_dir) or not _has_checkpoint(
         source_dir, "pretrain"
     ):
         return False
-    destination = ckpt.stage_directory(target_dir, "pretrain")
+    destination = checkpoint.stage_directory(target_dir, "pretrain")
     # Copy to a temporary name first, so an interrupted copy never looks like a checkpoint.
     partial = destination + ".copying"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(destination, ignore_errors=True)
-    shutil.copytree(ckpt.stage_directory(source_dir, "pretrain"), partial)
+    shutil.copytree(checkpoint.stage_directory(source_dir, "pretrain"), partial)
     os.replace(partial, destination)
     with open(marker, "w") as f:
         json.dump({"source": os.path.abspath(source_dir)}, f)
@@ -381,10 +381,10 @@ def run_system(
                 f"{system_dir} was run with another config than suite {suite.name!r} now gives "
                 f"system {system.name!r}. Delete that directory to rerun it."
             )
-        results = evaluate.read_results(system_dir)
-        if system.final_stage in results:
+        finished = results.read_results(system_dir)
+        if system.final_stage in finished:
             logging.info("[%s] Finished before; skipping.", system.name)
-            return results
+            return finished
     os.makedirs(system_dir, exist_ok=True)
     with open(recorded_path, "w") as f:
         json.dump(_comparable(config), f, indent=1)
@@ -400,7 +400,7 @@ def run_system(
     previous = _read_json(timing_path).get("seconds", 0.0)  # An interrupted earlier attempt.
     with open(timing_path, "w") as f:
         json.dump({"seconds": previous + elapsed, "stages": list(stages)}, f)
-    return evaluate.read_results(system_dir)
+    return results.read_results(system_dir)
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -549,29 +549,16 @@ def greedy_paths(system_dir: str, config: ml_collections.ConfigDict, batch) -> n
     Uses the system's finetune checkpoint (else its policy checkpoint); None when it has neither
     (its policy stages ran 0 epochs).
     """
-    from m2net_jax.data import pipeline
-
-    info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
-    mesh = train.make_mesh()
-    models = train.create_models(config, info.num_classes)
     for stage in ("finetune", "policy"):
-        if not _has_checkpoint(system_dir, stage):
-            continue
-        restored = train.restore_variables(
-            system_dir, stage, config, models, mesh,
-            steps_per_epoch=train.stage_steps_per_epoch(stage, config, mesh),
-        )  # fmt: skip
+        restored = checkpoint.restore_variables(system_dir, stage, config)
         if restored is not None:
             break
     else:
         return None
-    variables = jax.device_get(restored[0])
-    policy = models.policy.clone(axis_name=None)
+    variables = jax.device_get(restored.variables)
+    policy = restored.networks.policy.clone(axis_name=None)
     probs = policy.apply(
-        {
-            "params": variables["params"]["policy"],
-            "batch_stats": variables["batch_stats"]["policy"],
-        },
+        network_variables(variables, "policy"),
         batch["policy_image"],
         batch["location"],
         train=False,
@@ -604,7 +591,7 @@ def _recognizer_text(config) -> str:
 
 
 def _row_result(system: System, workdir: str) -> dict[str, Any] | None:
-    return evaluate.read_results(os.path.join(workdir, system.name)).get(system.final_stage)
+    return results.read_results(os.path.join(workdir, system.name)).get(system.final_stage)
 
 
 def _seconds(system: System, workdir: str) -> float | None:

@@ -29,6 +29,7 @@ from m2net_jax import fast_forward, geo
 from m2net_jax import flops as flops_lib
 from m2net_jax import policy_gradient as pg
 from m2net_jax.models import PolicyNetwork, Recognizer
+from m2net_jax.state import network_variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +65,13 @@ class Prediction:
 def _forward(variables, image, policy_image, location, *, recognizer, policy_network):
     """One photo, jitted: (class probabilities (1, K), keep probabilities (1, N), policy (1, N))."""
     keep_probs = policy_network.apply(
-        {
-            "params": variables["params"]["policy"],
-            "batch_stats": variables["batch_stats"]["policy"],
-        },
+        network_variables(variables, "policy"),
         policy_image,
         location,
         train=False,
     )
     policy = pg.greedy_policy(keep_probs)
-    rec_vars = {
-        "params": variables["params"]["recognizer"],
-        "batch_stats": variables["batch_stats"]["recognizer"],
-    }
+    rec_vars = network_variables(variables, "recognizer")
     locations = location if recognizer.geo_conditioning else None
     logits = fast_forward.skipping_logits(recognizer, rec_vars, image, policy, locations=locations)
     return jax.nn.softmax(logits), keep_probs, policy
@@ -151,8 +146,8 @@ class Predictor:
           stage: which stage's checkpoint: 'finetune' (default) or 'policy'.
           step: the checkpoint step; None = the newest readable one.
         """
-        # Imported here: the training machinery (Orbax, grain, TFDS) is only needed to load.
-        from m2net_jax import train
+        # Imported here: Orbax and the dataset's class names are only needed to load.
+        from m2net_jax import checkpoint, steps
         from m2net_jax.data import pipeline
 
         if stage not in ("policy", "finetune"):
@@ -160,22 +155,18 @@ class Predictor:
                 f"stage={stage!r} has no policy network to predict with; use 'finetune' or "
                 "'policy'."
             )
-        info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
-        mesh = train.make_mesh(jax.devices()[:1])
-        models = train.create_models(config, info.num_classes)
-        restored = train.restore_variables(
-            workdir, stage, config, models, mesh,
-            steps_per_epoch=train.stage_steps_per_epoch(stage, config, mesh), step=step,
-        )  # fmt: skip
+        mesh = steps.make_mesh(jax.devices()[:1])
+        restored = checkpoint.restore_variables(workdir, stage, config, mesh=mesh, step=step)
         if restored is None:
             raise FileNotFoundError(
                 f"No {stage!r} checkpoint in {workdir}. Train it first: python -m m2net_jax.main "
                 f"--config=<the config> --workdir={workdir}"
             )
-        variables, _ = restored
+        info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
+        networks, variables = restored.networks, restored.variables
         return cls(
-            models.recognizer,
-            models.policy,
+            networks.recognizer,
+            networks.policy,
             variables,
             image_size=config.data.image_size,
             class_names=info.class_names,

@@ -2,6 +2,7 @@
 
 Intentionally kept short: parse flags, start JAX's distributed runtime when there are several
 processes, log the process/device picture, then hand over to `train` or `evaluate`.
+TensorFlow is optional: it is needed only to build a dataset.
 """
 
 import os
@@ -56,11 +57,9 @@ def main(argv):
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-    import tensorflow as tf
+    _hide_gpus_from_tensorflow()
 
-    tf.config.set_visible_devices([], "GPU")
-
-    from m2net_jax import evaluate, train
+    from m2net_jax import evaluate, results, train
 
     config = FLAGS.config
     logging.info(
@@ -80,7 +79,16 @@ def main(argv):
         logging.warning("%s", stop)
         return
     if jax.process_index() == 0:
-        print(evaluate.format_table(evaluate.read_results(FLAGS.workdir)))
+        print(results.format_table(results.read_results(FLAGS.workdir)))
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    """TensorFlow, when installed, is only TFDS's and clu's back end: keep it off the GPUs."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return  # Training from a built dataset needs no TensorFlow.
+    tf.config.set_visible_devices([], "GPU")
 
 
 if __name__ == "__main__":

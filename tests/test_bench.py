@@ -47,7 +47,7 @@ def test_unknown_suite_or_part_is_a_clear_error():
 
 @pytest.mark.slow
 def test_shared_policy_step_gives_the_naive_steps_loss_and_update():
-    """The policy stage's real train step (train.make_train_step), with the frozen recognizer's
+    """The policy stage's real train step (steps.make_train_step), with the frozen recognizer's
     two forwards shared, reaches the same loss, metrics and parameters as with two forwards."""
     tb = bench.TrainBench(bench.SUITES["smoke"], mesh=bench_mesh())
     steps = tb.policy_steps()
@@ -64,6 +64,6 @@ def test_shared_policy_step_gives_the_naive_steps_loss_and_update():
 
 
 def bench_mesh():
-    from m2net_jax import train
+    from m2net_jax import steps
 
-    return train.make_mesh(jax.devices()[:2])  # Two devices: the shard_map split is exercised.
+    return steps.make_mesh(jax.devices()[:2])  # Two devices: the shard_map split is exercised.

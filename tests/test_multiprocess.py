@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from smoke_job import smoke_config
 
-from m2net_jax import train
+from m2net_jax import checkpoint, train
 from m2net_jax.data import pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,19 +101,13 @@ def test_two_processes_train_and_evaluate_like_one_with_the_same_devices(smoke_d
     config.checkpoint.save_interval_steps = 2
     train.train_and_evaluate(config, str(single))
 
-    mesh = train.make_mesh()
     info = pipeline.dataset_info(config.data.dataset, data_dir=smoke_data_dir)
-    models = train.create_models(config, info.num_classes)
     for stage in ("pretrain", "policy"):
-        steps = train.stage_steps_per_epoch(stage, config, mesh)
-        got, got_step = train.restore_variables(
-            str(multi), stage, config, models, mesh, steps_per_epoch=steps
-        )
-        want, want_step = train.restore_variables(
-            str(single), stage, config, models, mesh, steps_per_epoch=steps
-        )
-        assert got_step == want_step
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        got = checkpoint.restore_variables(str(multi), stage, config)
+        want = checkpoint.restore_variables(str(single), stage, config)
+        assert got.step == want.step
+        pairs = zip(jax.tree.leaves(got.variables), jax.tree.leaves(want.variables), strict=True)
+        for a, b in pairs:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)
 
     results = {}

@@ -15,7 +15,8 @@ import pytest
 from smoke_job import smoke_config
 
 from m2net_jax import checkpoint as ckpt
-from m2net_jax import train
+from m2net_jax import state as state_lib
+from m2net_jax import steps, train
 from m2net_jax.data import pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,14 +34,9 @@ def run_job(workdir, data_dir, *extra):
 
 def final_variables(workdir, data_dir, stage):
     config = smoke_config(data_dir)
-    mesh = train.make_mesh()
-    info = pipeline.dataset_info(config.data.dataset, data_dir=data_dir)
-    models = train.create_models(config, info.num_classes)
-    steps = train.stage_steps_per_epoch(stage, config, mesh)
-    variables, step = train.restore_variables(
-        str(workdir), stage, config, models, mesh, steps_per_epoch=steps
-    )
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(variables))], step
+    restored = ckpt.restore_variables(str(workdir), stage, config)
+    leaves = jax.tree.leaves(jax.device_get(restored.variables))
+    return [np.asarray(x) for x in leaves], restored.step
 
 
 def read_results(workdir):
@@ -103,25 +99,22 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_continues_there
 
 
 def _run_stage(config, workdir, stage="pretrain", **kwargs):
-    mesh = train.make_mesh()
+    mesh = steps.make_mesh()
     info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
-    models = train.create_models(config, info.num_classes)
-    init = train.replicate(
-        train.init_variables(models, jax.random.PRNGKey(0), config.data.image_size), mesh
+    networks = state_lib.create_networks(config, info.num_classes)
+    init = steps.replicate(
+        state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size), mesh
     )
-    writer = _NullWriter()
     return train.train_stage(
-        stage, config, str(workdir), models=models, init_variables_=init, mesh=mesh,
-        writer=writer, **kwargs,
-    )  # fmt: skip
-
-
-class _NullWriter:
-    def write_scalars(self, step, scalars):
-        del step, scalars
-
-    def flush(self):
-        pass
+        stage,
+        config,
+        str(workdir),
+        networks=networks,
+        start_variables=init,
+        mesh=mesh,
+        num_train_examples=info.num_examples["train"],
+        **kwargs,
+    )
 
 
 def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(
@@ -149,7 +142,7 @@ def test_nan_in_the_loss_stops_with_stage_and_step_and_keeps_the_last_good_check
     smoke_data_dir, tmp_path, monkeypatch
 ):
     config = smoke_config(smoke_data_dir)
-    real = train.shard_batch
+    real = steps.shard_batch
     calls = []
 
     def poisoned(batch, mesh):

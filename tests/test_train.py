@@ -11,7 +11,8 @@ import pytest
 
 from configs import base as base_config
 from configs import quickstart, r47
-from m2net_jax import evaluate, train
+from m2net_jax import checkpoint, evaluate, results, steps, train
+from m2net_jax import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,35 +40,30 @@ def interrupt_at(step):
 
 
 def run_stage(config, workdir, stage, *, mesh=None, init=None, on_step=None):
-    mesh = train.make_mesh() if mesh is None else mesh
-    info_classes = _num_classes(config)
-    models = train.create_models(config, info_classes)
+    mesh = steps.make_mesh() if mesh is None else mesh
+    info = _dataset_info(config)
+    networks = state_lib.create_networks(config, info.num_classes)
     if init is None:
-        init = train.replicate(
-            train.init_variables(models, jax.random.PRNGKey(0), config.data.image_size), mesh
+        key = jax.random.PRNGKey(0)
+        init = steps.replicate(
+            state_lib.init_variables(networks, key, config.data.image_size), mesh
         )
-    writer = _NullWriter()
     return train.train_stage(
-        stage, config, workdir, models=models, init_variables_=init, mesh=mesh,
-        writer=writer, on_step=on_step,
-    )  # fmt: skip
+        stage,
+        config,
+        workdir,
+        networks=networks,
+        start_variables=init,
+        mesh=mesh,
+        num_train_examples=info.num_examples["train"],
+        on_step=on_step,
+    )
 
 
-def _num_classes(config):
+def _dataset_info(config):
     from m2net_jax.data import pipeline
 
-    return pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir).num_classes
-
-
-class _NullWriter:
-    def write_scalars(self, step, scalars):
-        del step, scalars
-
-    def write_hparams(self, hparams):
-        del hparams
-
-    def flush(self):
-        pass
+    return pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
 
 
 def _leaves(tree):
@@ -77,20 +73,20 @@ def _leaves(tree):
 def test_all_stages_train_checkpoint_evaluate_and_eval_mode_reproduces(smoke_data_dir, tmp_path):
     config = smoke_config(smoke_data_dir)
     workdir = str(tmp_path / "run")
-    results = train.train_and_evaluate(config, workdir)
+    evaluated = train.train_and_evaluate(config, workdir)
 
-    assert set(results) == {"pretrain", "policy", "finetune"}
-    for stage in train.STAGES:
+    assert set(evaluated) == {"pretrain", "policy", "finetune"}
+    for stage in state_lib.STAGES:
         assert os.listdir(os.path.join(workdir, "checkpoints", stage)), stage
-        assert set(evaluate.RESULT_KEYS) <= set(results[stage])
+        assert set(results.RESULT_KEYS) <= set(evaluated[stage])
     with open(os.path.join(workdir, "results.json")) as f:
         written = json.load(f)
     assert list(written) == ["pretrain", "policy", "finetune"]
     # The pretrained recognizer runs every block; the policy stages decide with the policy.
-    assert results["pretrain"]["pr"] == 1.0 and results["pretrain"]["diversity"] == 1
+    assert evaluated["pretrain"]["pr"] == 1.0 and evaluated["pretrain"]["diversity"] == 1
     n = 9
     for stage in ("policy", "finetune"):
-        r = results[stage]
+        r = evaluated[stage]
         assert 0.0 <= r["pr"] <= 1.0
         assert r["blocks_mean"] == pytest.approx(r["pr"] * n)
         assert r["full_flops"] > 0 and r["flops_mean"] > 0
@@ -99,10 +95,10 @@ def test_all_stages_train_checkpoint_evaluate_and_eval_mode_reproduces(smoke_dat
     eval_config = smoke_config(smoke_data_dir)
     eval_config.mode = "eval"
     again = evaluate.evaluate_workdir(eval_config, workdir)
-    for stage in train.STAGES:
-        assert again[stage]["accuracy"] == results[stage]["accuracy"]
-        assert again[stage]["diversity"] == results[stage]["diversity"]
-        assert again[stage]["num_examples"] == results[stage]["num_examples"]
+    for stage in state_lib.STAGES:
+        assert again[stage]["accuracy"] == evaluated[stage]["accuracy"]
+        assert again[stage]["diversity"] == evaluated[stage]["diversity"]
+        assert again[stage]["num_examples"] == evaluated[stage]["num_examples"]
 
 
 def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_run(
@@ -118,7 +114,7 @@ def test_interrupted_stage_resumes_at_its_step_and_ends_like_an_uninterrupted_ru
     # Checkpoints every 2 steps; interrupt after step 5, so step 5 is lost and redone.
     with pytest.raises(Interrupt):
         run_stage(config, workdir, stage, on_step=interrupt_at(5))
-    mngr = train.stage_checkpoint_manager(workdir, stage, config, 8, read_only=True)
+    mngr = checkpoint.stage_manager(workdir, stage, config, 8, read_only=True)
     assert mngr.latest_step() == 4  # The save in flight at the interruption completed.
     mngr.close()
     seen = []
@@ -138,24 +134,24 @@ def test_four_devices_and_one_device_give_the_same_training(smoke_data_dir, tmp_
     config.stages[stage].learning_rate /= 10
     devices = jax.devices()
     assert len(devices) == 4
-    one = run_stage(config, str(tmp_path / "one"), stage, mesh=train.make_mesh(devices[:1]))
-    four = run_stage(config, str(tmp_path / "four"), stage, mesh=train.make_mesh(devices))
+    one = run_stage(config, str(tmp_path / "one"), stage, mesh=steps.make_mesh(devices[:1]))
+    four = run_stage(config, str(tmp_path / "four"), stage, mesh=steps.make_mesh(devices))
     for a, b in zip(_leaves(one.variables), _leaves(four.variables), strict=True):
         # Reductions over 1 vs 4 shards add in different orders; SGD amplifies that a little.
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_parse_stages_validates_and_orders():
-    assert train.parse_stages("finetune, pretrain") == ("pretrain", "finetune")
+    assert state_lib.parse_stages("finetune, pretrain") == ("pretrain", "finetune")
     with pytest.raises(ValueError, match="unknown stages"):
-        train.parse_stages("pretrain,polcy")
+        state_lib.parse_stages("pretrain,polcy")
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(smoke_data_dir):
     config = smoke_config(smoke_data_dir)
     config.stages.pretrain.batch_size = 6
     with pytest.raises(ValueError, match="divisible by the device count"):
-        train.stage_steps_per_epoch("pretrain", config, train.make_mesh())
+        train.stage_steps_per_epoch("pretrain", config, steps.make_mesh(), 64)
 
 
 def test_configs_are_locked_and_complete():
