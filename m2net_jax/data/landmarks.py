@@ -22,7 +22,8 @@ and "150,000 … images from 732 classes" in §4.1.1; we take 420 (the name and 
 
 Every bad input is skipped, counted under its reason and listed in a build report
 (`landmark_report`): logged at the end of the build and written as `build_report.json` next to
-the dataset (`Landmark420.build_report()`, `format_build_report`).
+the dataset (`Landmark420.build_report()`, `format_build_report`). A failed build (manual
+directory missing or incomplete, too few eligible landmarks) leaves no folders behind.
 
 The names of `gldv2`, `landmark_selection` and `landmark_report` that users and tests call are
 importable from here too.
@@ -89,12 +90,34 @@ __all__ = [
 # Images decoded ahead of the writer during generation; bounds memory, not the result.
 _GENERATION_CHUNK = 256
 
-_GLDV2_CITATION = """\
+_DESCRIPTION = """\
+{name}: the {num_classes} landmarks of the Google Landmarks Dataset v2 (GLDv2) training set that
+have GPS coordinates and the most images, as in the M²Net paper (§4.1.1), where geo-located
+landmark photos let a policy network use the location to choose which residual blocks to run.
+Each example is a GLDv2 photo (JPEG, shorter side at most {max_side} px), its class (label 0 is the
+landmark with the most images; the label names are GLDv2 landmark ids), the landmark's latitude
+and longitude in decimal degrees, and `location`, the paper's degrees-minutes-seconds 8-vector.
+Landmarks are ranked by their number of decodable images (ties by landmark id); each class is
+split into train and test by a fixed hash order of its image ids. Built from a manual GLDv2
+download plus a landmark_coordinates.csv the user makes; skipped inputs are reported in
+build_report.json next to the dataset.
+"""
+
+_CITATION = r"""@article{qian2019m2net,
+  author = {Qian, Biao and Wang, Yang and Zhang, Zhao and Hong, Richang and Wang, Meng and
+            Shao, Ling},
+  title = {Diversifying Inference Path Selection: Moving-Mobile-Network for Landmark
+           Recognition},
+  journal = {arXiv preprint arXiv:1912.00418},
+  year = {2019},
+}
+
 @inproceedings{weyand2020gldv2,
   author = {Weyand, Tobias and Araujo, Andr{\'e} and Cao, Bingyi and Sim, Jack},
   title = {Google Landmarks Dataset v2 -- A Large-Scale Benchmark for Instance-Level
            Recognition and Retrieval},
-  booktitle = {CVPR},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern
+               Recognition (CVPR)},
   year = {2020},
 }
 """
@@ -207,6 +230,15 @@ def _plan(
     return plan
 
 
+def _remove_empty(paths: Sequence[epath.Path]) -> None:
+    """Deletes each of `paths` (in order) that is a file or an empty folder."""
+    for path in paths:
+        if path.is_file():
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder of Landmark-420 and Landmark-732; the subclasses set the class count.
 
@@ -233,7 +265,11 @@ class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         config: LandmarkConfig = self.builder_config
+        description = _DESCRIPTION.format(
+            name=self.name, num_classes=config.num_classes, max_side=config.max_side
+        )
         return self.dataset_info_from_configs(
+            description=description,
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
@@ -250,8 +286,37 @@ class LandmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             ),
             supervised_keys=("image", "label"),
             homepage="https://github.com/cvdfoundation/google-landmark",
-            citation=_GLDV2_CITATION,
+            citation=_CITATION,
         )
+
+    def download_and_prepare(self, **kwargs) -> None:
+        """TFDS's build; a failed build also removes the folders it created and left empty.
+
+        Before generating, TFDS makes ``<data_dir>/<name>/<config>/``,
+        ``<name>/.config/metadata.json`` and ``<data_dir>/downloads/extracted/``; on failure it
+        deletes only its temporary version folder, and the rest would look like a dataset that
+        is not there. What existed before the build is never touched.
+        """
+        data_dir = epath.Path(self.data_dir_root)
+        dataset_dir = epath.Path(self.data_path).parent.parent
+        downloads = epath.Path(kwargs.get("download_dir") or data_dir / "downloads")
+        # Deepest first, so that a folder is empty by the time its turn comes.
+        candidates = [
+            epath.Path(self.data_path),
+            epath.Path(self.data_path).parent,
+            dataset_dir / ".config" / "metadata.json",
+            dataset_dir / ".config",
+            dataset_dir,
+            downloads / "extracted",
+            downloads,
+            data_dir,
+        ]
+        created = [path for path in candidates if not path.exists()]
+        try:
+            super().download_and_prepare(**kwargs)
+        except BaseException:
+            _remove_empty(created)
+            raise
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         try:
