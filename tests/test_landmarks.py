@@ -349,3 +349,44 @@ def test_builders_registered_with_paper_class_counts():
         assert builder.info.features["label"].num_classes == num_classes
         assert builder.info.file_format.value == "array_record"
         assert "train.csv" in builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("failure", ["manual_dir_missing", "too_few_landmarks"])
+def test_failed_build_leaves_data_dir_as_it_found_it(tree_build, tmp_path, failure):
+    *_, manual = tree_build
+    config = _CONFIG
+    error = landmarks.ManualDirError
+    if failure == "manual_dir_missing":
+        manual = tmp_path / "does-not-exist"
+    else:
+        config = landmarks.LandmarkConfig(name="test9", num_classes=9, test_fraction=0.25)
+        error = landmarks.TooFewLandmarksError
+    fresh = tmp_path / "fresh-tfds"
+    with pytest.raises(error):
+        _build(manual, fresh, config=config)
+    assert not fresh.exists(), _tree(fresh)
+    # A data_dir in use: another config of the same dataset and the download folders exist.
+    used = tmp_path / "used-tfds"
+    (used / "downloads" / "extracted").mkdir(parents=True)
+    (used / "landmark420" / "default" / "1.0.0").mkdir(parents=True)
+    (used / "landmark420" / "default" / "1.0.0" / "dataset_info.json").write_text("{}")
+    before = _tree(used)
+    with pytest.raises(error):
+        _build(manual, used, config=config)
+    assert _tree(used) == before
+
+
+def test_builders_have_a_description_and_cite_the_paper_and_gldv2():
+    for name, num_classes in (("landmark420", 420), ("landmark732", 732)):
+        info = tfds.builder(name, data_dir="/nonexistent-tfds-dir").info
+        citation = " ".join(info.citation.split())
+        assert "Moving-Mobile-Network for Landmark Recognition" in citation
+        assert "Google Landmarks Dataset v2 -- A Large-Scale Benchmark" in citation
+        assert r"Andr{\'e}" in citation  # BibTeX's accent, not a Python escape
+        assert citation.count("@") == 2 and citation.count("{") == citation.count("}")
+        assert f"the {num_classes} landmarks" in info.description
+        assert info.homepage == "https://github.com/cvdfoundation/google-landmark"

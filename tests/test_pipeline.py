@@ -1,4 +1,10 @@
-"""Tests for the grain input pipeline (m2net_jax/data/pipeline.py, DESIGN.md §3 "Pipeline")."""
+"""Tests for the grain input pipeline (m2net_jax/data/pipeline.py)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -10,6 +16,7 @@ from m2net_jax.data import geo_twins, pipeline
 
 SMOKE = "geo_twins/smoke"
 KEYS = ("image", "policy_image", "location", "label", "mask", "index")
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +197,100 @@ def test_ensure_built_builds_geo_twins_when_allowed(tmp_path, source):
     assert spec.num_classes == len(spec.class_names) == 8
     assert spec.image_size == 32
     assert all("@" in name for name in spec.class_names)
+
+
+# A process in which TensorFlow cannot be imported, as on a machine that has JAX and little else.
+_WITHOUT_TENSORFLOW = """
+import importlib.abc
+import sys
+
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorflow" or name.startswith("tensorflow."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoTensorFlow())
+try:
+    import tensorflow
+except ImportError:
+    pass
+else:
+    raise SystemExit("tensorflow is still importable")
+"""
+
+# Reads a built dataset the way training and evaluation do: spec, training and eval batches.
+_READ = """
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+from m2net_jax.data import pipeline
+
+dataset, data_dir, out = sys.argv[1:]
+spec = pipeline.dataset_info(dataset, data_dir=data_dir)
+assert pipeline.ensure_built(dataset, data_dir=data_dir, build_if_missing=True) == spec
+sizes = dict(image_size=32, batch_size=8, shard_index=0, shard_count=1)
+train = pipeline.make_train_iterator(dataset, data_dir=data_dir, seed=5, **sizes)
+batches = {f"train{step}": next(train) for step in range(20)}  # more than one epoch (16)
+for step, batch in enumerate(pipeline.make_eval_iterator(dataset, data_dir=data_dir, **sizes)):
+    batches[f"eval{step}"] = batch
+arrays = {f"{name}/{key}": value for name, batch in batches.items() for key, value in batch.items()}
+np.savez(out, spec=json.dumps(dataclasses.asdict(spec)), **arrays)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] == "tensorflow")
+print("tensorflow modules:", loaded)
+"""
+
+
+def _run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        # etils asks `importlib.util.find_spec("tensorflow")` whether TF is installed, which is
+        # None on a machine without it but an error under the finder above; this is the answer
+        # such a machine gets (only the backend of gs:// and s3:// paths depends on it).
+        "EPATH_USE_TF": "false",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
+
+
+def test_built_dataset_reads_the_same_batches_in_a_process_without_tensorflow(data_dir, tmp_path):
+    outputs = {}
+    for name, prefix in (("normal", ""), ("without_tensorflow", _WITHOUT_TENSORFLOW)):
+        out = tmp_path / f"{name}.npz"
+        result = _run_python(prefix + _READ, SMOKE, data_dir, str(out))
+        assert result.returncode == 0, result.stderr[-4000:]
+        if prefix:
+            assert "tensorflow modules: []" in result.stdout
+        outputs[name] = dict(np.load(out))
+    normal, without = outputs["normal"], outputs["without_tensorflow"]
+    assert json.loads(str(without["spec"])) == json.loads(str(normal["spec"]))
+    assert json.loads(str(normal["spec"]))["num_examples"] == {"train": 128, "test": 64}
+    assert sorted(without) == sorted(normal)
+    assert len(normal) == 1 + 6 * (20 + 8)  # spec; 6 keys of 20 train and 8 eval batches
+    for key in normal:
+        np.testing.assert_array_equal(without[key], normal[key], err_msg=key)
+
+
+def test_geo_twins_builds_byte_identical_files_without_tensorflow(data_dir, tmp_path):
+    build = (
+        "from m2net_jax.data import geo_twins; geo_twins.build(sys.argv[1], data_dir=sys.argv[2])"
+    )
+    result = _run_python(_WITHOUT_TENSORFLOW + build, SMOKE, str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    expected = sorted(pathlib.Path(data_dir, "geo_twins", "smoke").rglob("*.array_record*"))
+    written = sorted((tmp_path / "geo_twins" / "smoke").rglob("*.array_record*"))
+    assert [p.name for p in written] == [p.name for p in expected] and written
+    for a, b in zip(expected, written, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name

@@ -1,6 +1,6 @@
 """The grain input pipeline: TFDS array_record files -> per-process batches of numpy arrays.
 
-DESIGN.md §3 "Pipeline". One chain for every dataset (geo_twins, landmark420, landmark732):
+One chain for every dataset (geo_twins, landmark420, landmark732):
 
     tfds data source -> grain.MapDataset -> index each example
       train: shuffle (seeded, reshuffled every epoch) -> repeat forever -> decode
@@ -24,6 +24,11 @@ Batches are formed before the iterator, in the MapDataset, so their content does
 the number of worker processes. The iterator is a `grain.DatasetIterator`: `get_state()` /
 `set_state()` and `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) resume it
 exactly where it stopped.
+
+Reading needs no TensorFlow: TFDS's array_record data source parses the stored tf.Example
+records with its own copy of the proto and images are decoded here with PIL, so training and
+evaluation from a built dataset run where `tensorflow` is not installed (tests/test_pipeline.py
+checks this in a process that cannot import it).
 """
 
 import dataclasses
