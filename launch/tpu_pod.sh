@@ -6,7 +6,7 @@
 # Usage:
 #   launch/tpu_pod.sh create                      # create the slice (once)
 #   launch/tpu_pod.sh setup                       # copy this checkout to every worker, install
-#   launch/tpu_pod.sh run --config=configs/r47.py --workdir=gs://BUCKET/runs/r47_l420
+#   launch/tpu_pod.sh run --config=m2net_jax/configs/r47.py --workdir=gs://BUCKET/runs/r47_l420
 #   launch/tpu_pod.sh delete
 #
 # Knobs (environment):

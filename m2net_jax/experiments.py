@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import shutil
@@ -50,10 +49,8 @@ from absl import app, flags, logging
 from matplotlib.figure import Figure
 
 from m2net_jax import checkpoint as ckpt
-from m2net_jax import evaluate, train
+from m2net_jax import configs, evaluate, train
 from m2net_jax import policy_gradient as pg
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Backbones of the static methods of Table 3 and those M²Net is put on in Fig. 11 (§4.4).
 COMPACT_BACKBONES = {
@@ -143,7 +140,7 @@ class Suite:
 SUITES = {
     "smoke": Suite(
         name="smoke",
-        config="configs/r29.py:smoke",
+        config="m2net_jax/configs/r29.py:smoke",
         description=(
             "plumbing check on the tiny geo_twins/smoke build (width 8, 1 epoch); only the "
             "baseline and M²Net train, the other systems are evaluated untrained. Its numbers "
@@ -155,7 +152,7 @@ SUITES = {
     ),
     "geo_twins": Suite(
         name="geo_twins",
-        config="configs/quickstart.py",
+        config="m2net_jax/configs/quickstart.py",
         description=(
             "every system on the embedded geo_twins set (32 px, 32 classes), ResNet-29 of "
             "width 16, the quickstart config with a shorter schedule; about 1.5 hours on a 2-core "
@@ -170,13 +167,13 @@ SUITES = {
     ),
     "landmark420": Suite(
         name="landmark420",
-        config="configs/r47.py:landmark420",
+        config="m2net_jax/configs/r47.py:landmark420",
         description="the paper's Landmark-420 setup (ResNet-47, 224 px); days on one GPU.",
         penalty_scales=(0.25, 0.5, 2.0),
     ),
     "landmark732": Suite(
         name="landmark732",
-        config="configs/r47.py:landmark732",
+        config="m2net_jax/configs/r47.py:landmark732",
         description="the paper's Landmark-732 setup (ResNet-47, 224 px); days on one GPU.",
         penalty_scales=(0.25, 0.5, 2.0),
     ),
@@ -250,22 +247,9 @@ def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads a config file given as ``path[:argument]`` (as `main.py --config`), locked.
-
-    A relative path is taken from the working directory, else from the repository root. Config
-    files import `configs.base`, so run from the repository root (as `main.py`).
-    """
-    path, _, argument = spec.partition(":")
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(REPO, path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Config file {spec!r} not found (from {os.getcwd()} or {REPO}).")
-    module_spec = importlib.util.spec_from_file_location("m2net_experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if argument else module.get_config()
-    config.lock()
-    return config
+    """Loads a config file given as ``path[:argument]``, locked, found as `main.py --config`
+    finds it (`m2net_jax.configs.resolve`)."""
+    return configs.load(spec)
 
 
 def _set(config: ml_collections.ConfigDict, key: str, value) -> None:

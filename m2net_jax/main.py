@@ -1,4 +1,4 @@
-"""Entry point: `python -m m2net_jax.main --config=configs/quickstart.py --workdir=DIR`.
+"""Entry point: `python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py --workdir=DIR`.
 
 Intentionally kept short: parse flags, start JAX's distributed runtime when there are several
 processes, log the process/device picture, then hand over to `train` or `evaluate`.
@@ -11,13 +11,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from m2net_jax import configs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.")
-config_flags.DEFINE_config_file(
-    "config", None, "A config file, e.g. configs/quickstart.py or configs/r47.py:geo_twins.",
-    lock_config=True,
+configs.DEFINE_config_file(
+    "config", "A config file[:argument], from any directory: e.g. m2net_jax/configs/quickstart.py, "
+    "m2net_jax/configs/r47.py:geo_twins, or a file of your own.",
 )  # fmt: skip
 flags.DEFINE_string(
     "coordinator_address", None,
