@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -985,7 +986,8 @@ def main(argv):
     print(f"Report: {path}")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `m2net-experiments` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     flags.DEFINE_enum("suite", None, sorted(SUITES), "Which comparison suite to run.")
     flags.DEFINE_string("workdir", None, "Directory of the suite: one workdir per system, report.")
@@ -995,4 +997,12 @@ if __name__ == "__main__":
     flags.DEFINE_bool("report_only", False, "Run nothing; rewrite the report from results.")
     flags.DEFINE_string("report_dir", None, "Where report.md and the plots go (default: workdir).")
     flags.mark_flags_as_required(["suite", "workdir"])
+    # absl's --help lists the flags of the running script, sys.argv[0]: here the console
+    # script's shim, not this module.
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,10 +1,12 @@
-"""Entry point: `python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py --workdir=DIR`.
+"""Entry point: `python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py --workdir=DIR`
+(installed as the `m2net` command too).
 
 Intentionally kept short: parse flags, start JAX's distributed runtime when there are several
 processes, log the process/device picture, then hand over to `train` or `evaluate`.
 """
 
 import os
+import sys
 
 # TensorFlow is only the TFDS / clu back end here: keep it quiet (and off GPUs, below).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -84,5 +86,14 @@ def main(argv):
         print(evaluate.format_table(evaluate.read_results(FLAGS.workdir)))
 
 
-if __name__ == "__main__":
+def cli():
+    """The `m2net` console script."""
+    # absl's --help lists the flags of the running script, sys.argv[0]: here the console
+    # script's shim, not this module.
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()
