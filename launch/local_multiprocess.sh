@@ -6,7 +6,7 @@
 #
 # Usage:
 #   launch/local_multiprocess.sh N [flags of python -m m2net_jax.main ...]
-#   launch/local_multiprocess.sh 2 --config=configs/quickstart.py --workdir=/tmp/m2net_2proc
+#   launch/local_multiprocess.sh 2 --config=m2net_jax/configs/quickstart.py --workdir=/tmp/m2net_2proc
 #
 # Knobs (environment):
 #   DEVICES_PER_PROCESS  CPU devices each process sees (default 2)

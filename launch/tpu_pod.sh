@@ -6,7 +6,7 @@
 # Usage:
 #   launch/tpu_pod.sh create                      # create the slice (once)
 #   launch/tpu_pod.sh setup                       # copy this checkout to every worker, install
-#   launch/tpu_pod.sh run --config=configs/r47.py --workdir=gs://BUCKET/runs/r47_l420
+#   launch/tpu_pod.sh run --config=m2net_jax/configs/r47.py --workdir=gs://BUCKET/runs/r47_l420
 #   launch/tpu_pod.sh delete
 #
 # Knobs (environment):
@@ -40,7 +40,7 @@ case "${1:-}" in
   setup)
     gcloud compute tpus tpu-vm scp --recurse "$(git rev-parse --show-toplevel)" \
       "$TPU_NAME":~/m2net_jax --zone="$ZONE" "${project_flag[@]}" --worker=all
-    on_all_workers "cd ~/m2net_jax && pip install -U pip && pip install -e . 'jax[tpu]'"
+    on_all_workers "cd ~/m2net_jax && pip install -U pip && pip install -c constraints.txt -e . 'jax[tpu]'"
     ;;
   run)
     shift

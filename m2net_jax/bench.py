@@ -108,8 +108,8 @@ SUITES = {
         uniqueness_sizes=(256, 1024), pairwise_max=1024, uniqueness_blocks=21,
         dataset="geo_twins/smoke", pipeline_batches=2,
     ),
-    # A 2-core CPU in under 10 minutes: configs/r47.py:geo_twins's architecture (ResNet-47,
-    # width 64, 32 px, small stems) at a CPU-sized batch.
+    # A 2-core CPU in under 10 minutes: the architecture of m2net_jax/configs/r47.py:geo_twins
+    # (ResNet-47, width 64, 32 px, small stems) at a CPU-sized batch.
     "quick": Suite(
         depth=47, width=64, stem="small", image_size=32, num_classes=32, policy_width=64,
         train_batch=16, eval_batch=32, reps=5, latency_reps=30, curriculum=(1, 0),
@@ -287,7 +287,8 @@ class TrainBench:
         # donates.
         self.variables = jax.device_get(both_variables(suite, rec, pol))
         self.batch = steps.shard_batch(random_batch(suite, suite.train_batch), self.mesh)
-        # configs/base.py's optimizers and penalties (the optimizer is a small part of a step).
+        # The optimizers and penalties of m2net_jax/configs/base.py (the optimizer is a small part
+        # of a step).
         self.stage_setup = {
             "pretrain": (optax.sgd(0.1, momentum=0.9, nesterov=True), 0.0),
             "policy": (optax.adam(1e-3), 5.0),

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,11 +49,9 @@ import numpy as np
 from absl import app, flags, logging
 from matplotlib.figure import Figure
 
-from m2net_jax import checkpoint, results, train
+from m2net_jax import checkpoint, configs, results, train
 from m2net_jax import policy_gradient as pg
 from m2net_jax.state import STAGES, network_variables
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Backbones of the static methods of Table 3 and those M²Net is put on in Fig. 11 (§4.4).
 COMPACT_BACKBONES = {
@@ -143,7 +141,7 @@ class Suite:
 SUITES = {
     "smoke": Suite(
         name="smoke",
-        config="configs/r29.py:smoke",
+        config="m2net_jax/configs/r29.py:smoke",
         description=(
             "plumbing check on the tiny geo_twins/smoke build (width 8, 1 epoch); only the "
             "baseline and M²Net train, the other systems are evaluated untrained. Its numbers "
@@ -155,7 +153,7 @@ SUITES = {
     ),
     "geo_twins": Suite(
         name="geo_twins",
-        config="configs/quickstart.py",
+        config="m2net_jax/configs/quickstart.py",
         description=(
             "every system on the embedded geo_twins set (32 px, 32 classes), ResNet-29 of "
             "width 16, the quickstart config with a shorter schedule; about 1.5 hours on a 2-core "
@@ -170,13 +168,13 @@ SUITES = {
     ),
     "landmark420": Suite(
         name="landmark420",
-        config="configs/r47.py:landmark420",
+        config="m2net_jax/configs/r47.py:landmark420",
         description="the paper's Landmark-420 setup (ResNet-47, 224 px); days on one GPU.",
         penalty_scales=(0.25, 0.5, 2.0),
     ),
     "landmark732": Suite(
         name="landmark732",
-        config="configs/r47.py:landmark732",
+        config="m2net_jax/configs/r47.py:landmark732",
         description="the paper's Landmark-732 setup (ResNet-47, 224 px); days on one GPU.",
         penalty_scales=(0.25, 0.5, 2.0),
     ),
@@ -250,22 +248,9 @@ def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads a config file given as ``path[:argument]`` (as `main.py --config`), locked.
-
-    A relative path is taken from the working directory, else from the repository root. Config
-    files import `configs.base`, so run from the repository root (as `main.py`).
-    """
-    path, _, argument = spec.partition(":")
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(REPO, path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Config file {spec!r} not found (from {os.getcwd()} or {REPO}).")
-    module_spec = importlib.util.spec_from_file_location("m2net_experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(argument) if argument else module.get_config()
-    config.lock()
-    return config
+    """Loads a config file given as ``path[:argument]``, locked, found as `main.py --config`
+    finds it (`m2net_jax.configs.resolve`)."""
+    return configs.load(spec)
 
 
 def _set(config: ml_collections.ConfigDict, key: str, value) -> None:
@@ -988,7 +973,8 @@ def main(argv):
     print(f"Report: {path}")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `m2net-experiments` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     flags.DEFINE_enum("suite", None, sorted(SUITES), "Which comparison suite to run.")
     flags.DEFINE_string("workdir", None, "Directory of the suite: one workdir per system, report.")
@@ -998,4 +984,12 @@ if __name__ == "__main__":
     flags.DEFINE_bool("report_only", False, "Run nothing; rewrite the report from results.")
     flags.DEFINE_string("report_dir", None, "Where report.md and the plots go (default: workdir).")
     flags.mark_flags_as_required(["suite", "workdir"])
+    # absl's --help lists the flags of the running script, sys.argv[0]: here the console
+    # script's shim, not this module.
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

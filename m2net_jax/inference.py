@@ -141,7 +141,7 @@ class Predictor:
         """Loads a trained stage's checkpoint ('finetune' or 'policy') from a training workdir.
 
         Args:
-          config: the config the workdir was trained with (e.g. `configs/quickstart.py`).
+          config: the config the workdir was trained with (e.g. `m2net_jax/configs/quickstart.py`).
           workdir: the `--workdir` of `python -m m2net_jax.main`.
           stage: which stage's checkpoint: 'finetune' (default) or 'policy'.
           step: the checkpoint step; None = the newest readable one.

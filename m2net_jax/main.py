@@ -1,4 +1,5 @@
-"""Entry point: `python -m m2net_jax.main --config=configs/quickstart.py --workdir=DIR`.
+"""Entry point: `python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py --workdir=DIR`
+(installed as the `m2net` command too).
 
 Intentionally kept short: parse flags, start JAX's distributed runtime when there are several
 processes, log the process/device picture, then hand over to `train` or `evaluate`.
@@ -6,19 +7,21 @@ TensorFlow is optional: it is needed only to build a dataset.
 """
 
 import os
+import sys
 
 # TensorFlow is only the TFDS / clu back end here: keep it quiet (and off GPUs, below).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+
+from m2net_jax import configs  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.")
-config_flags.DEFINE_config_file(
-    "config", None, "A config file, e.g. configs/quickstart.py or configs/r47.py:geo_twins.",
-    lock_config=True,
+configs.DEFINE_config_file(
+    "config", "A config file[:argument], from any directory: e.g. m2net_jax/configs/quickstart.py, "
+    "m2net_jax/configs/r47.py:geo_twins, or a file of your own.",
 )  # fmt: skip
 flags.DEFINE_string(
     "coordinator_address", None,
@@ -91,5 +94,14 @@ def _hide_gpus_from_tensorflow() -> None:
     tf.config.set_visible_devices([], "GPU")
 
 
-if __name__ == "__main__":
+def cli():
+    """The `m2net` console script."""
+    # absl's --help lists the flags of the running script, sys.argv[0]: here the console
+    # script's shim, not this module.
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

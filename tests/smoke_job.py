@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import r47  # noqa: E402
 from m2net_jax import train  # noqa: E402
+from m2net_jax.configs import r47  # noqa: E402
 
 
 def smoke_config(data_dir, stages="pretrain,policy", save_interval=2):

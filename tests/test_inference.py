@@ -130,7 +130,7 @@ def test_predictor_needs_both_networks_variables(predictor):
 
 
 def test_from_workdir_names_the_missing_checkpoint_and_the_stage_it_needs(smoke_data_dir, tmp_path):
-    from configs import r47
+    from m2net_jax.configs import r47
 
     config = r47.get_config("smoke")
     config.data.data_dir = smoke_data_dir

@@ -83,7 +83,7 @@ def test_two_processes_train_and_evaluate_like_one_with_the_same_devices(smoke_d
 
     multi = tmp_path / "two_processes"
     flags = [
-        "--config=configs/r47.py:smoke", f"--workdir={multi}",
+        "--config=m2net_jax/configs/r47.py:smoke", f"--workdir={multi}",
         f"--config.data.data_dir={smoke_data_dir}", "--config.recognizer.depth=29",
         f"--config.stages.run={stages}",
         *[f"--config.{k}={v}" for k, v in overrides.items()],

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base as base_config
-from configs import quickstart, r47
 from m2net_jax import checkpoint, evaluate, results, steps, train
 from m2net_jax import state as state_lib
+from m2net_jax.configs import base as base_config
+from m2net_jax.configs import quickstart, r47
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -179,7 +179,11 @@ def _main(args, **env):
 
 def test_main_rejects_a_typo_in_a_config_override(tmp_path):
     proc = _main(
-        ["--config=configs/quickstart.py", f"--workdir={tmp_path}", "--config.data.datset=x"]
+        [
+            "--config=m2net_jax/configs/quickstart.py",
+            f"--workdir={tmp_path}",
+            "--config.data.datset=x",
+        ]
     )
     assert proc.returncode != 0
     assert "datset" in proc.stderr
@@ -190,7 +194,7 @@ def test_main_without_landmark420_exits_with_build_instructions(tmp_path):
     empty.mkdir()
     proc = _main(
         [
-            "--config=configs/r47.py",
+            "--config=m2net_jax/configs/r47.py",
             f"--workdir={tmp_path / 'w'}",
             f"--config.data.data_dir={empty}",
         ]

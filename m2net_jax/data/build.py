@@ -91,6 +91,15 @@ def main(argv):
         print(landmarks.format_build_report(builder.build_report()))
 
 
-if __name__ == "__main__":
+def cli():
+    """The `m2net-build` console script."""
     _define_flags()
+    # absl's --help lists the flags of the running script, sys.argv[0]: here the console
+    # script's shim, not this module.
+    for flag in FLAGS.get_key_flags_for_module(__name__):
+        FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

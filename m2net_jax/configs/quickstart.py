@@ -1,14 +1,15 @@
 """The README's main job: M²Net (ResNet-29 recognizer) on the embedded geo_twins set, 32 px.
 
-  python -m m2net_jax.main --config=configs/quickstart.py --workdir=/tmp/m2net_quickstart
+  python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py \
+      --workdir=/tmp/m2net_quickstart
 
 Builds geo_twins if it is missing, trains the three stages (pretrain -> policy -> finetune),
 evaluates each on the test split and prints the table. Sized to finish within 15 minutes on a
 2-core CPU (README states the measured time). Narrower than the paper's networks (width 16) so
-that it does; `configs/r29.py:geo_twins` runs the full-width architecture.
+that it does; `m2net_jax/configs/r29.py:geo_twins` runs the full-width architecture.
 """
 
-from configs import base
+from m2net_jax.configs import base
 
 
 def get_config():

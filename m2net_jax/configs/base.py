@@ -1,11 +1,11 @@
 """Every configuration key of m2net_jax, declared once, grouped by concern.
 
 Paper configs (`r29.py`, `r47.py`, `r65.py`) and `quickstart.py` import this file and override a
-few keys. Values follow BlockDrop's schedule (DESIGN.md §1) where the M²Net paper is silent; see
+few keys. Values follow BlockDrop's schedule where the M²Net paper is silent; see
 BUILD_NOTES.md for each choice.
 
 Run a config with:
-  python -m m2net_jax.main --config=configs/quickstart.py --workdir=/tmp/m2net
+  python -m m2net_jax.main --config=m2net_jax/configs/quickstart.py --workdir=/tmp/m2net
 and override any key, e.g. `--config.reward.theta_d=0` (Remove-U) or `--config.policy.use_geo=False`
 (Remove-MLP / BlockDrop). An unknown key is an error.
 """
@@ -177,6 +177,6 @@ def apply_variant(c, variant):
     else:
         raise ValueError(
             f"Unknown config variant {variant!r}; use one of 'landmark420', 'landmark732', "
-            "'geo_twins', 'smoke' (e.g. --config=configs/r47.py:geo_twins)."
+            "'geo_twins', 'smoke' (e.g. --config=m2net_jax/configs/r47.py:geo_twins)."
         )
     return c
