@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from m2net_jax import checkpoint, results, steps
+from m2net_jax import checkpoint, mechanism, results, steps
 from m2net_jax import flops as flops_lib
 from m2net_jax import policy_gradient as pg
 from m2net_jax.data import pipeline
@@ -63,7 +63,8 @@ def evaluate_variables(
         `steps.predict_step` of `networks` on `mesh`.
 
     Returns:
-      A dict with `results.RESULT_KEYS` (plus FLOPs split into recognizer and policy network).
+      A dict with `results.RESULT_KEYS` (plus FLOPs split into recognizer and policy network,
+      and, on a dataset of twin landmarks, `mechanism.METRIC_KEYS`).
     """
     use_policy = STAGE_SPECS[stage].uses_policy
     global_batch = config.eval.batch_size
@@ -78,13 +79,22 @@ def evaluate_variables(
         batch_size=global_batch // jax.process_count(),
     )
     outputs = gather_predictions(predict_fn, variables, batches, mesh)
-    return summarize(
+    policies = outputs["policy"].astype(np.float32)
+    metrics = summarize(
         outputs["correct"],
-        outputs["policy"].astype(np.float32),
+        policies,
         image_size=config.data.image_size,
         networks=networks,
         use_policy=use_policy,
     )
+    if "prediction" in outputs:  # Twin landmarks (geo_twins): does the path tell them apart?
+        info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
+        metrics.update(
+            mechanism.mechanism_metrics(
+                outputs["prediction"], outputs["label"], policies, info.class_names
+            )
+        )
+    return metrics
 
 
 def summarize(correct, policies, *, image_size: int, networks: Networks, use_policy: bool):

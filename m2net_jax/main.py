@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from m2net_jax import configs  # noqa: E402
+from m2net_jax import configs, user_errors, workdir_lock  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.")
@@ -35,7 +35,24 @@ flags.DEFINE_bool(
     "Start jax.distributed (default: when the flags above, $JAX_COORDINATOR_ADDRESS, or a "
     "multi-task SLURM / Open MPI job say so). Pass --multiprocess on TPU pod slices.",
 )  # fmt: skip
+flags.DEFINE_bool(
+    "library_logs", False,
+    "Show the INFO lines of Orbax, grain, TFDS, JAX and clu (by default only their warnings).",
+)  # fmt: skip
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Libraries whose INFO lines (Orbax alone logs ~40 per checkpoint) hide the job's own progress.
+_CHATTY = tuple(
+    f"{os.sep}{name}{os.sep}"
+    for name in ("orbax", "grain", "tensorflow_datasets", "etils", "jax", "flax", "clu")
+)
+
+
+class _QuietLibraries(logging.logging.Filter):
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.logging.WARNING or not any(
+            part in record.pathname for part in _CHATTY
+        )
 
 
 def _multiprocess() -> bool:
@@ -54,6 +71,8 @@ def _multiprocess() -> bool:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.library_logs:
+        logging.get_absl_handler().addFilter(_QuietLibraries())
     if _multiprocess():  # Before any other JAX call.
         jax.distributed.initialize(
             coordinator_address=FLAGS.coordinator_address,
@@ -62,7 +81,7 @@ def main(argv):
         )
     _hide_gpus_from_tensorflow()
 
-    from m2net_jax import evaluate, results, train
+    from m2net_jax import evaluate, results, train, validation
 
     config = FLAGS.config
     logging.info(
@@ -70,14 +89,19 @@ def main(argv):
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
         jax.devices()[0].device_kind,
     )  # fmt: skip
-    logging.info("Config:\n%s", config)
+    logging.debug("Config:\n%s", config)
+    # Every config problem at once, before any work (the dataset's own checks follow in train).
+    problems = validation.validate_config(
+        config, device_count=jax.device_count(), process_count=jax.process_count()
+    )
+    if problems.errors:
+        raise validation.ConfigError(problems.errors, problems.warnings)
     try:
-        if config.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
-        elif config.mode == "eval":
-            evaluate.evaluate_workdir(config, FLAGS.workdir)
-        else:
-            raise app.UsageError(f"config.mode must be 'train' or 'eval', not {config.mode!r}.")
+        with workdir_lock.job_lock(FLAGS.workdir):
+            if config.mode == "train":
+                train.train_and_evaluate(config, FLAGS.workdir)
+            else:
+                evaluate.evaluate_workdir(config, FLAGS.workdir)
     except train.Preempted as stop:
         logging.warning("%s", stop)
         return
@@ -100,7 +124,7 @@ def cli():
     # script's shim, not this module.
     for flag in FLAGS.get_key_flags_for_module(__name__):
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(main)
+    app.run(user_errors.reporting_user_errors(main))
 
 
 if __name__ == "__main__":

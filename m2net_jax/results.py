@@ -56,11 +56,15 @@ def write_results(workdir: str, results: Mapping[str, Any]) -> None:
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """A plain-text table of results: one row per stage."""
+    """A plain-text table of results: one row per stage (with the twin accuracy and the
+    path-city mutual information in bits on datasets of twin landmarks)."""
     header = (
         f"{'stage':<10} {'accuracy':>8} {'Pr':>6} {'blocks':>13} {'diversity':>9} "
         f"{'GFLOPs/image':>17} {'full ResNet':>11} {'examples':>8}"
     )
+    twins = any(r.get("twin_accuracy") is not None for r in results.values())
+    if twins:
+        header += f" {'twin acc':>8} {'path-city MI':>12}"
     lines = [header, "-" * len(header)]
     for stage, r in results.items():
         blocks = f"{r['blocks_mean']:.2f} ± {r['blocks_std']:.2f}"
@@ -70,4 +74,11 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             f"{r['diversity']:>9d} {gflops:>17} {r['full_flops'] / 1e9:>11.4f} "
             f"{r['num_examples']:>8d}"
         )
+        if twins:
+            lines[-1] += f" {_number(r.get('twin_accuracy'), 8, 4)} "
+            lines[-1] += f"{_number(r.get('path_city_mi_bits'), 12, 3)}"
     return "\n".join(lines)
+
+
+def _number(value, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from m2net_jax import checkpoint, evaluate, results, steps, writers
+from m2net_jax import checkpoint, evaluate, results, steps, validation, writers
 from m2net_jax import state as state_lib
 from m2net_jax.data import pipeline
 from m2net_jax.state import STAGE_SPECS, STAGES, Networks
@@ -127,10 +127,16 @@ class Progress:
         self.stage, self.total, self.global_batch = stage, total, global_batch
         self._step, self._time = start, time.monotonic()
 
+    def restart(self, step: int) -> None:
+        """Counts rates from `step` on (e.g. after the first step, which includes compiling)."""
+        self._step, self._time = step, time.monotonic()
+
     def __call__(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
         """Logs the line for `step`; returns the rate scalars to write beside the metrics."""
         now = time.monotonic()
         steps_per_sec = (step - self._step) / max(now - self._time, 1e-9)
+        if step == self._step:  # Only the compiled first step so far: no rate yet.
+            steps_per_sec = 0.0
         self._step, self._time = step, now
         eta = (self.total - step) / steps_per_sec if steps_per_sec > 0 else float("inf")
         images_per_sec = steps_per_sec * self.global_batch
@@ -242,8 +248,11 @@ def train_stage(
         state = restored[1]["state"]
     start = int(jax.device_get(state.step))
 
-    if start == 0 and jax.process_index() == 0:
-        parameter_overview.log_parameter_overview(state_lib.trainable(state.params, spec))
+    if start == 0 and jax.process_index() == 0 and logging.level_debug():
+        overview = parameter_overview.get_parameter_overview(
+            state_lib.trainable(state.params, spec)
+        )
+        logging.debug("[%s] Trained parameters:\n%s", stage, overview)
     logging.info(
         "[%s] %d epochs x %d steps/epoch = %d steps, global batch %d on %d devices; "
         "starting at step %d.",
@@ -263,6 +272,9 @@ def train_stage(
             for step in range(start, total_steps):
                 batch = steps.shard_batch(next(train_iter), mesh)
                 state, scalars = step_fn(state, batch)
+                if step == start:  # Rates and ETA count from the compiled first step on.
+                    jax.block_until_ready(state.step)
+                    progress.restart(step + 1)
                 update = collection.single_from_model_output(**scalars)
                 running = update if running is None else running.merge(update)
                 unchecked.append((step + 1, scalars["nonfinite"]))
@@ -347,6 +359,13 @@ def train_and_evaluate(
     """
     stages = state_lib.parse_stages(config.stages.run)
     info = prepare_dataset(config)
+    validation.check_config(
+        config,
+        dataset_image_size=info.image_size,
+        num_train_examples=info.num_examples["train"],
+        device_count=jax.device_count(),
+        process_count=jax.process_count(),
+    )
     mesh = steps.make_mesh()
     networks = state_lib.create_networks(config, info.num_classes)
     if writer is None:

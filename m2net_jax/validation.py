@@ -21,10 +21,9 @@ import ml_collections
 from absl import logging
 
 from m2net_jax.models import BLOCKS_PER_STAGE, CONV_TYPES, STEMS
+from m2net_jax.state import STAGES  # The schedule's order: `stages.run` selects a subset.
 from m2net_jax.user_errors import UserError
 
-# The schedule's order (train.STAGES): `stages.run` selects a subset, run in this order.
-STAGES = ("pretrain", "policy", "finetune")
 MODES = ("train", "eval")
 ON_NONFINITE = ("stop", "skip")
 OPTIMIZERS = ("sgd", "adam")
@@ -81,6 +80,7 @@ def validate_config(
     num_train_examples: int | None = None,
     device_count: int = 1,
     process_count: int = 1,
+    strict_curriculum: bool = False,
 ) -> Problems:
     """Every problem of a config (a `configs/base.py` ConfigDict), without raising.
 
@@ -92,6 +92,9 @@ def validate_config(
         not exceed it.
       device_count: global devices of the job; every batch size must split over them.
       process_count: JAX processes of the job; every batch size must split over them.
+      strict_curriculum: a policy stage too short to open every block is an error (else a
+        warning: several shipped configs still end their policy stage before k = N, BUILD_NOTES
+        "Training").
 
     Returns:
       The errors and warnings, each a one-line message naming the key, value and fix.
@@ -113,7 +116,7 @@ def validate_config(
     for stage in STAGES:
         _check_stage(c, stage, stage in run, num_train_examples, batch_multiple)
     if config.mode == "train" and "policy" in run:
-        _check_curriculum(c)
+        _check_curriculum(c, strict=strict_curriculum)
 
     c.integer("checkpoint.save_interval_steps", low=1)
     if config.checkpoint.max_to_keep is not None:  # None: Orbax keeps every checkpoint.
@@ -301,7 +304,7 @@ def _check_batch(
         )
 
 
-def _check_curriculum(c: "_Checker") -> None:
+def _check_curriculum(c: "_Checker", *, strict: bool) -> None:
     """The policy stage must reach k = N and stay there for `curriculum_epochs` epochs."""
     depth, per_step = c.get("recognizer.depth"), c.get("sampling.curriculum_epochs")
     epochs = c.get("stages.policy.epochs")
@@ -318,7 +321,8 @@ def _check_curriculum(c: "_Checker") -> None:
             f", or --config.sampling.curriculum_epochs={epochs // n} "
             f"(needs {policy_epochs_needed(n, epochs // n)} epochs)"
         )
-    c.error(
+    report = c.error if strict else c.warning
+    report(
         "stages.policy.epochs",
         f"is too short for the curriculum: with sampling.curriculum_epochs={per_step} the "
         f"policy decides the last min(N, 1 + epoch // {per_step}) of ResNet-{depth}'s N={n} "

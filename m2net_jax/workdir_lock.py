@@ -27,6 +27,7 @@ A workdir given as a URL (``gs://...``) cannot hold a POSIX lock; it is used unl
 warning.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -326,3 +327,42 @@ def _duration(seconds: float) -> str:
     if hours < 48:
         return f"{hours} h {minutes} min"
     return f"{hours // 24} days"
+
+
+@contextlib.contextmanager
+def job_lock(workdir: str | os.PathLike):
+    """The workdir lock for a whole JAX job: process 0 holds it, every process learns the outcome.
+
+    In a multi-process job the other processes wait for process 0's attempt, so that a refused
+    job stops on every host instead of leaving the others waiting in their first collective.
+
+    Raises:
+      WorkdirLockedError: on every process, when process 0 could not take the lock.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    refusal = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as error:
+            refusal = error
+    if jax.process_count() > 1:
+        refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+        if refusal is None and int(refused):
+            refusal = WorkdirLockedError(
+                f"Process 0 could not lock {os.path.join(os.fspath(workdir), LOCK_NAME)}; see its "
+                "log for the job that holds it.",
+                path=os.path.join(os.fspath(workdir), LOCK_NAME),
+                holder=None,
+            )
+    if refusal is not None:
+        raise refusal
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

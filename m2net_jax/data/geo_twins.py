@@ -301,9 +301,17 @@ def build(name: str = "geo_twins", *, data_dir: str | None = None) -> tfds.core.
     if name.split("/")[0].split(":")[0] != "geo_twins":
         raise ValueError(f"build() makes geo_twins datasets only, got {name!r}.")
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    logging.info("Building %s in %s (if missing).", builder.info.full_name, builder.data_dir)
-    # try_download_gcs=False: never look for a prepared copy on the network.
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    if builder.is_prepared():
+        return builder
+    logging.info("Building %s in %s (a few seconds).", builder.info.full_name, builder.data_dir)
+    # TFDS prints "Downloading and preparing dataset" to stdout for a set it makes locally, and
+    # progress bars to stderr: both say less than the two log lines here.
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()):
+        # try_download_gcs=False: never look for a prepared copy on the network.
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    splits = {name: split.num_examples for name, split in builder.info.splits.items()}
+    logging.info("Built %s: %s examples.", builder.info.full_name, splits)
     return builder
