@@ -141,12 +141,6 @@ def test_four_devices_and_one_device_give_the_same_training(smoke_data_dir, tmp_
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_parse_stages_validates_and_orders():
-    assert state_lib.parse_stages("finetune, pretrain") == ("pretrain", "finetune")
-    with pytest.raises(ValueError, match="unknown stages"):
-        state_lib.parse_stages("pretrain,polcy")
-
-
 def test_batch_not_divisible_by_devices_is_a_clear_error(smoke_data_dir):
     config = smoke_config(smoke_data_dir)
     config.stages.pretrain.batch_size = 6

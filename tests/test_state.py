@@ -1,0 +1,69 @@
+"""m2net_jax.state: stages, the networks' variables, and the train state's shape."""
+
+import jax
+import pytest
+
+from m2net_jax import state as state_lib
+from m2net_jax.configs import r47
+
+
+def _config():
+    c = r47.get_config("smoke")
+    c.recognizer.depth = 29
+    return c
+
+
+@pytest.mark.parametrize("stage", state_lib.STAGES)
+def test_optimizer_state_tree_does_not_depend_on_the_dataset_size(stage):
+    """Restoring builds the state for a one-step epoch; any schedule length gives that tree."""
+    config = _config()
+    networks = state_lib.create_networks(config, num_classes=8)
+    spec = state_lib.STAGE_SPECS[stage]
+
+    def tree(steps_per_epoch):
+        tx = state_lib.make_optimizer(config.stages[stage], steps_per_epoch=steps_per_epoch)
+
+        def build():
+            key = jax.random.PRNGKey(0)
+            variables = state_lib.init_variables(networks, key, config.data.image_size)
+            return state_lib.create_train_state(variables, spec, tx, key)
+
+        return jax.eval_shape(build)
+
+    shapes = [tree(n) for n in (1, 7, 12_345)]
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1])
+    assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[2])
+    assert shapes[0] == shapes[1] == shapes[2]
+    abstract = state_lib.abstract_train_state(stage, config, networks)
+    assert jax.tree.structure(abstract) == jax.tree.structure(shapes[1])
+
+
+def test_stages_hold_only_their_networks_and_train_only_theirs():
+    config = _config()
+    networks = state_lib.create_networks(config, num_classes=8)
+    variables = state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size)
+    tx = state_lib.make_optimizer(config.stages.pretrain, steps_per_epoch=3)
+    pretrain = state_lib.create_train_state(
+        variables, state_lib.STAGE_SPECS["pretrain"], tx, jax.random.PRNGKey(1)
+    )
+    assert set(pretrain.params) == {"recognizer"}
+    tx = state_lib.make_optimizer(config.stages.policy, steps_per_epoch=3)
+    policy = state_lib.create_train_state(
+        variables, state_lib.STAGE_SPECS["policy"], tx, jax.random.PRNGKey(1)
+    )
+    assert set(policy.params) == {"recognizer", "policy"}
+    # The optimizer state mirrors the policy network only: the recognizer is frozen.
+    params_leaves = len(jax.tree.leaves(variables["params"]["policy"]))
+    moments = [x for x in jax.tree.leaves(policy.opt_state) if x.ndim > 0]
+    assert len(moments) == 2 * params_leaves  # Adam's mu and nu, for the policy only.
+
+
+def test_network_variables_cuts_out_one_network():
+    tree = {"params": {"a": 1, "b": 2}, "batch_stats": {"a": 3, "b": 4}}
+    assert state_lib.network_variables(tree, "b") == {"params": 2, "batch_stats": 4}
+
+
+def test_parse_stages_validates_and_orders():
+    assert state_lib.parse_stages("finetune, pretrain") == ("pretrain", "finetune")
+    with pytest.raises(ValueError, match="unknown stages"):
+        state_lib.parse_stages("pretrain,polcy")
