@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from m2net_jax import checkpoint, evaluate, results, steps, validation, writers
+from m2net_jax import checkpoint, evaluate, results, stage_config, steps, validation, writers
 from m2net_jax import state as state_lib
 from m2net_jax.data import pipeline
 from m2net_jax.state import STAGE_SPECS, STAGES, Networks
@@ -239,11 +239,14 @@ def train_stage(
         ),
         stage=stage,
     )
+    hyperparameters = stage_config.hyperparameters(config, stage)
     if restored is None:
+        stage_config.record(workdir, stage, hyperparameters)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGES.index(stage))
         state = state_lib.create_train_state(start_variables, spec, tx, key)
         state = steps.replicate(state, mesh)
     else:
+        stage_config.check(workdir, stage, hyperparameters)
         logging.info("[%s] Resuming from the checkpoint at step %d.", stage, restored[0])
         state = restored[1]["state"]
     start = int(jax.device_get(state.step))
@@ -370,7 +373,9 @@ def train_and_evaluate(
     networks = state_lib.create_networks(config, info.num_classes)
     if writer is None:
         writer = writers.create_writer(workdir, write=jax.process_index() == 0)
-    writer.write_hparams({k: str(v) if v is None else v for k, v in _flatten(config).items()})
+    writer.write_hparams(
+        {k: str(v) if v is None else v for k, v in stage_config.flatten(config).items()}
+    )
 
     init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), len(STAGES))
     fresh = state_lib.init_variables(networks, init_key, config.data.image_size)
@@ -423,13 +428,3 @@ def _starting_variables(first_stage: str, config, workdir: str, mesh, fresh):
             f"{previous!r} checkpoint. Run it first: --config.stages.run={previous},{first_stage}"
         )
     return restored.variables
-
-
-def _flatten(config, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, Mapping) or hasattr(value, "items"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out

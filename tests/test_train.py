@@ -9,10 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from m2net_jax import checkpoint, evaluate, results, steps, train
+from m2net_jax import checkpoint, evaluate, results, stage_config, steps, train
 from m2net_jax import state as state_lib
 from m2net_jax.configs import base as base_config
 from m2net_jax.configs import quickstart, r47
+from m2net_jax.user_errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,3 +197,20 @@ def test_main_without_landmark420_exits_with_build_instructions(tmp_path):
     assert proc.returncode != 0
     assert "python -m m2net_jax.data.build --dataset=landmark420" in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_rerun_with_a_changed_stage_hyperparameter_is_refused_not_reused(smoke_data_dir, tmp_path):
+    config = smoke_config(smoke_data_dir, pretrain=1)
+    workdir = str(tmp_path / "w")
+    run_stage(config, workdir, "pretrain")
+    # Where logs go and how often to evaluate do not change what the stage computed.
+    config.log.every_steps = 1
+    config.eval.batch_size = 8
+    again = run_stage(config, workdir, "pretrain")  # Finished: restored, 0 steps.
+    assert again.steps > 0
+    config.stages.pretrain.learning_rate = 0.5
+    with pytest.raises(stage_config.ChangedStageConfigError) as error:
+        run_stage(config, workdir, "pretrain")
+    message = str(error.value)
+    assert "stages.pretrain.learning_rate" in message and "mv " in message
+    assert isinstance(error.value, UserError)
