@@ -64,7 +64,7 @@ setuptools.setup(
         "console_scripts": [
             "m2net=m2net_jax.main:cli",
             "m2net-build=m2net_jax.data.build:cli",
-            "m2net-experiments=m2net_jax.experiments:cli",
+            "m2net-experiments=m2net_jax.experiments.__main__:cli",
         ]
     },
 )
