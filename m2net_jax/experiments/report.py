@@ -153,7 +153,8 @@ def _preamble(inputs: _Inputs, base_config, config_name: str) -> list[str]:
         "",
         f"Dataset `{base_config.data.dataset}` at {base_config.data.image_size} px; accuracy is "
         "top-1 on its test split with the greedy policy. FLOPs per photo include the policy "
-        f'network (as the evaluation counts them), in {unit}. Pr = mean fraction of blocks run (Eqn 7); '
+        f"network (as the evaluation counts them), in {unit}. Pr = mean fraction of blocks run "
+        "(Eqn 7); "
         "diversity = distinct policies over the test split. Minutes: the system's own "
         "training and evaluation (a shared pretraining counts once, for the system that ran it).",
         "",
