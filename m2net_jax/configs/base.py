@@ -24,6 +24,10 @@ def get_config():
     # A step with a non-finite loss or gradient never changes the state; then 'stop' the run
     # (the newest checkpoint is the last good one) or 'skip' the step and go on.
     c.on_nonfinite = "stop"
+    # The networks' computation dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on GPU/TPU,
+    # float32 on CPU). Parameters, optimizer state, batch norm statistics, logits and losses are
+    # float32 whatever it is, so checkpoints move freely between the choices.
+    c.compute_dtype = "float32"
 
     # Data: a TFDS name (with optional '/config'), built into `data_dir` (TFDS default if unset).
     c.data = ml_collections.ConfigDict()
