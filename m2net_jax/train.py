@@ -346,6 +346,7 @@ def train_and_evaluate(
       on_step: `on_step(stage, step)` is called as in `train_stage`.
     """
     stages = state_lib.parse_stages(config.stages.run)
+    steps.configure_compilation_cache(config.compilation_cache_dir)
     info = prepare_dataset(config)
     mesh = steps.make_mesh()
     networks = state_lib.create_networks(config, info.num_classes)

@@ -28,6 +28,10 @@ def get_config():
     # float32 on CPU). Parameters, optimizer state, batch norm statistics, logits and losses are
     # float32 whatever it is, so checkpoints move freely between the choices.
     c.compute_dtype = "float32"
+    # JAX's persistent compilation cache: unset for $JAX_COMPILATION_CACHE_DIR or else
+    # ~/.cache/m2net_jax/jax; a directory to move it; '' to turn it off. Only trusted users may
+    # write to it (JAX loads compiled code from it).
+    c.compilation_cache_dir = config_dict.placeholder(str)
 
     # Data: a TFDS name (with optional '/config'), built into `data_dir` (TFDS default if unset).
     c.data = ml_collections.ConfigDict()
