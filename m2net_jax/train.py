@@ -222,6 +222,7 @@ def train_stage(
         seed=config.seed + STAGES.index(stage),
         worker_count=config.data.worker_count,
         prefetch_buffer_size=config.data.prefetch_buffer_size,
+        cache_in_memory_mb=config.data.cache_in_memory_mb,
     )
     mngr = checkpoint.stage_manager(workdir, stage, config, networks.recognizer.num_classes)
     abstract = state_lib.abstract_train_state(stage, config, networks, NamedSharding(mesh, P()))
