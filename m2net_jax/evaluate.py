@@ -77,6 +77,7 @@ def evaluate_variables(
         split=config.eval.split,
         image_size=config.data.image_size,
         batch_size=global_batch // jax.process_count(),
+        cache_in_memory_mb=config.data.cache_in_memory_mb,
     )
     outputs = gather_predictions(predict_fn, variables, batches, mesh)
     policies = outputs["policy"].astype(np.float32)

@@ -71,6 +71,26 @@ def parse_stages(run: str) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # The networks and their variables.
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str, backend: str | None = None):
+    """The networks' computation dtype for `config.compute_dtype`.
+
+    'float32' or 'bfloat16'; 'auto' is bfloat16 on GPU and TPU, whose matrix units run it at
+    several times float32's rate, and float32 on CPU, where XLA emulates bfloat16 convolutions
+    and gains nothing. `backend` defaults to JAX's default backend.
+    """
+    if name == "auto":
+        backend = jax.default_backend() if backend is None else backend
+        return jnp.bfloat16 if backend in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"config.compute_dtype={name!r} is not supported; use 'float32', 'bfloat16' or "
+            "'auto' (bfloat16 on GPU/TPU, float32 on CPU)."
+        )
+    return COMPUTE_DTYPES[name]
+
 
 @flax.struct.dataclass
 class Networks:
@@ -83,10 +103,15 @@ class Networks:
 def create_networks(config, num_classes: int) -> Networks:
     """The recognizer and policy network a config describes, batch norm synced over 'data'.
 
+    Both compute in `config.compute_dtype` (`compute_dtype`). Whatever it is, parameters, batch
+    norm statistics, logits and keep probabilities stay float32 (the modules' `dtype` fields),
+    so the optimizer state and the losses are float32 and checkpoints do not depend on it.
+
     Args:
       config: a config with `recognizer` and `policy` groups (see `configs/base.py`).
       num_classes: K, the dataset's class count.
     """
+    dtype = compute_dtype(config.compute_dtype)
     recognizer = Recognizer(
         depth=config.recognizer.depth,
         num_classes=num_classes,
@@ -94,6 +119,7 @@ def create_networks(config, num_classes: int) -> Networks:
         stem=config.recognizer.stem,
         conv_type=config.recognizer.conv_type,
         geo_conditioning=config.recognizer.geo_conditioning,
+        dtype=dtype,
         axis_name=AXIS,
     )
     policy = PolicyNetwork(
@@ -102,6 +128,7 @@ def create_networks(config, num_classes: int) -> Networks:
         fusion_alpha=config.policy.fusion_alpha,
         width=config.policy.width,
         stem=config.policy.stem,
+        dtype=dtype,
         axis_name=AXIS,
     )
     return Networks(recognizer=recognizer, policy=policy)

@@ -13,6 +13,7 @@ no TensorFlow, TFDS, grain, clu, ml_collections or Orbax, so it runs on any mach
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -352,3 +354,41 @@ def check_batch(global_batch: int, mesh, key: str) -> None:
             f"{key}={global_batch} must be divisible by the device count ({n_dev}) and the "
             f"process count ({n_proc}); set it to a multiple of {n_dev}."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The persistent compilation cache.
+
+
+def default_compilation_cache_dir() -> str:
+    """$JAX_COMPILATION_CACHE_DIR when set, else ``$XDG_CACHE_HOME/m2net_jax/jax`` (by default
+    ``~/.cache/m2net_jax/jax``)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "m2net_jax", "jax")
+
+
+def configure_compilation_cache(directory: str | None) -> str | None:
+    """Points JAX's persistent compilation cache at `directory`; returns the one in use.
+
+    A rerun, a resumed job or the evaluation of a workdir then loads the compiled steps from disk
+    instead of compiling them again (minutes at paper sizes). Call it once per process, before
+    the first compilation: JAX opens the cache at its first compile and keeps it.
+
+    Args:
+      directory: `config.compilation_cache_dir`: None for `default_compilation_cache_dir`, ''
+        to turn the cache off, or a path (``~`` expanded).
+
+    Returns:
+      The cache directory, or None when the cache is off.
+    """
+    if directory == "":
+        jax.config.update("jax_enable_compilation_cache", False)
+        logging.info("Persistent compilation cache off (config.compilation_cache_dir='').")
+        return None
+    path = default_compilation_cache_dir() if directory is None else os.path.expanduser(directory)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    logging.info("Persistent compilation cache in %s.", path)
+    return path

@@ -228,6 +228,7 @@ def train_stage(
         seed=config.seed + STAGES.index(stage),
         worker_count=config.data.worker_count,
         prefetch_buffer_size=config.data.prefetch_buffer_size,
+        cache_in_memory_mb=config.data.cache_in_memory_mb,
     )
     mngr = checkpoint.stage_manager(workdir, stage, config, networks.recognizer.num_classes)
     abstract = state_lib.abstract_train_state(stage, config, networks, NamedSharding(mesh, P()))
@@ -361,6 +362,7 @@ def train_and_evaluate(
       on_step: `on_step(stage, step)` is called as in `train_stage`.
     """
     stages = state_lib.parse_stages(config.stages.run)
+    steps.configure_compilation_cache(config.compilation_cache_dir)
     info = prepare_dataset(config)
     validation.check_config(
         config,

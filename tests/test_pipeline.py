@@ -294,3 +294,50 @@ def test_geo_twins_builds_byte_identical_files_without_tensorflow(data_dir, tmp_
     assert [p.name for p in written] == [p.name for p in expected] and written
     for a, b in zip(expected, written, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_in_memory_train_batches_equal_the_on_disk_ones_across_epochs_and_a_restore(
+    data_dir, worker_count
+):
+    # 16 batches an epoch: 20 batches cross into the second epoch's reshuffle and new crops.
+    on_disk = train_iterator(data_dir, cache_in_memory_mb=0)
+    expected = [next(on_disk) for _ in range(20)]
+    on_disk.close()
+    in_memory = train_iterator(data_dir, cache_in_memory_mb=1, worker_count=worker_count)
+    assert_same_batches(expected[:13], [next(in_memory) for _ in range(13)])
+    state = in_memory.get_state()
+    in_memory.close()
+
+    restored = train_iterator(data_dir, cache_in_memory_mb=1, worker_count=worker_count)
+    restored.set_state(state)
+    assert_same_batches(expected[13:], [next(restored) for _ in range(7)])
+    restored.close()
+
+
+def test_in_memory_eval_batches_equal_the_on_disk_ones(data_dir):
+    def batches(cache_in_memory_mb):
+        it = pipeline.make_eval_iterator(
+            SMOKE,
+            data_dir=data_dir,
+            image_size=32,
+            batch_size=24,  # Pads the last batch.
+            shard_index=0,
+            shard_count=1,
+            cache_in_memory_mb=cache_in_memory_mb,
+        )
+        return list(it)
+
+    assert_same_batches(batches(0), batches(1))
+
+
+def test_only_splits_within_the_threshold_are_held_in_memory(data_dir):
+    size_mb = pipeline.decoded_size_mb(SMOKE, "train", data_dir)
+    assert size_mb == pytest.approx(128 * 32 * 32 * 3 / 2**20)
+    held = pipeline._source_dataset(SMOKE, "train", data_dir, cache_in_memory_mb=size_mb)
+    assert "DecodedSource" in str(held.parents[0])
+    read = pipeline._source_dataset(SMOKE, "train", data_dir, cache_in_memory_mb=size_mb / 2)
+    assert "DecodedSource" not in str(read.parents[0])
+    decoded = pipeline._decoded_source.cache_info().misses
+    pipeline._source_dataset(SMOKE, "train", data_dir, cache_in_memory_mb=size_mb)
+    assert pipeline._decoded_source.cache_info().misses == decoded  # Decoded once per process.

@@ -214,3 +214,46 @@ def test_rerun_with_a_changed_stage_hyperparameter_is_refused_not_reused(smoke_d
     message = str(error.value)
     assert "stages.pretrain.learning_rate" in message and "mv " in message
     assert isinstance(error.value, UserError)
+
+
+@pytest.mark.parametrize("stage", ["policy", "finetune"])
+def test_bfloat16_compute_trains_to_a_finite_loss_with_float32_state(smoke_data_dir, stage):
+    # policy: the frozen recognizer's shared-prefix forwards (fast_forward) in bfloat16;
+    # finetune: both networks trained, both networks' batch statistics updated.
+    from m2net_jax.data import pipeline
+
+    config = smoke_config(smoke_data_dir)
+    config.compute_dtype = "bfloat16"
+    mesh = steps.make_mesh()
+    spec = state_lib.STAGE_SPECS[stage]
+    info = _dataset_info(config)
+    networks = state_lib.create_networks(config, info.num_classes)
+    assert networks.recognizer.dtype == networks.policy.dtype == jax.numpy.bfloat16
+    tx = state_lib.make_optimizer(config.stages[stage], steps_per_epoch=4)
+    hp = steps.loss_hyperparams(config, stage, steps_per_epoch=4)
+    variables = state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size)
+    initial = _leaves(state_lib.trainable(variables["params"], spec))  # Before donation.
+    start = steps.replicate(
+        state_lib.create_train_state(variables, spec, tx, jax.random.PRNGKey(1)), mesh
+    )
+    batches = pipeline.make_train_iterator(
+        config.data.dataset,
+        data_dir=config.data.data_dir,
+        image_size=config.data.image_size,
+        batch_size=config.stages[stage].batch_size,
+        seed=0,
+    )
+    step_fn = steps.make_train_step(spec, networks, hp, tx, mesh)
+    batch = steps.shard_batch(next(batches), mesh)
+    assert "bf16" in step_fn.lower(start, batch).as_text()  # The convolutions run in bfloat16.
+    state = start
+    for _ in range(3):
+        state, scalars = step_fn(state, batch)
+        assert np.isfinite(float(scalars["loss"])) and float(scalars["nonfinite"]) == 0.0
+        batch = steps.shard_batch(next(batches), mesh)
+
+    for part in (state.params, state.batch_stats, state.opt_state):
+        floats = [x for x in jax.tree.leaves(part) if jax.numpy.issubdtype(x.dtype, np.floating)]
+        assert floats and {str(x.dtype) for x in floats} == {"float32"}
+    trained = _leaves(state_lib.trainable(state.params, spec))
+    assert any(not np.array_equal(a, b) for a, b in zip(trained, initial, strict=True))

@@ -24,6 +24,14 @@ def get_config():
     # A step with a non-finite loss or gradient never changes the state; then 'stop' the run
     # (the newest checkpoint is the last good one) or 'skip' the step and go on.
     c.on_nonfinite = "stop"
+    # The networks' computation dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on GPU/TPU,
+    # float32 on CPU). Parameters, optimizer state, batch norm statistics, logits and losses are
+    # float32 whatever it is, so checkpoints move freely between the choices.
+    c.compute_dtype = "float32"
+    # JAX's persistent compilation cache: unset for $JAX_COMPILATION_CACHE_DIR or else
+    # ~/.cache/m2net_jax/jax; a directory to move it; '' to turn it off. Only trusted users may
+    # write to it (JAX loads compiled code from it).
+    c.compilation_cache_dir = config_dict.placeholder(str)
 
     # Data: a TFDS name (with optional '/config'), built into `data_dir` (TFDS default if unset).
     c.data = ml_collections.ConfigDict()
@@ -33,6 +41,9 @@ def get_config():
     c.data.build_if_missing = True  # Only the embedded geo_twins set can be built automatically.
     c.data.worker_count = 0  # grain worker processes (0: in the main process).
     c.data.prefetch_buffer_size = 2
+    # A split whose decoded photos take at most this many MB (geo_twins at 32 px: ~15) is decoded
+    # once per process and served from host memory; the batches are the same. 0: always from disk.
+    c.data.cache_in_memory_mb = 1024
 
     # Recognition network (§4.1.3).
     c.recognizer = ml_collections.ConfigDict()

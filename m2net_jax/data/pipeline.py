@@ -25,6 +25,11 @@ the number of worker processes. The iterator is a `grain.DatasetIterator`: `get_
 `set_state()` and `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) resume it
 exactly where it stopped.
 
+Small splits are decoded once: a split whose decoded photos fit in `cache_in_memory_mb` (all of
+geo_twins at 32 px, ~15 MB) is read and decoded when first used, kept in host memory for the
+process's life (`DecodedSource`), and served from there every epoch and every stage. The chain
+is otherwise the same, so it yields exactly the batches of the on-disk source.
+
 Reading needs no TensorFlow: TFDS's array_record data source parses the stored tf.Example
 records with its own copy of the proto and images are decoded here with PIL, so training and
 evaluation from a built dataset run where `tensorflow` is not installed (tests/test_pipeline.py
@@ -32,6 +37,7 @@ checks this in a process that cannot import it).
 """
 
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -182,9 +188,14 @@ class MarkPadding(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeImage(grain.transforms.Map):
-    """Encoded image bytes (PNG/JPEG) -> (H, W, 3) uint8 RGB."""
+    """Encoded image bytes (PNG/JPEG) -> (H, W, 3) uint8 RGB; pixels already decoded (from a
+    `DecodedSource`) pass through."""
 
     def map(self, element):
+        if isinstance(element["image"], np.ndarray) and element["image"].ndim == 3:
+            # Kept in the chain even then: grain derives each random transform's seed from its
+            # depth below `seed()`, so dropping this step would change every crop and flip.
+            return element
         with Image.open(io.BytesIO(element["image"])) as image:
             pixels = np.asarray(image.convert("RGB"))
         return {**element, "image": pixels}
@@ -280,12 +291,63 @@ class ToModelInputs(grain.transforms.Map):
 # Datasets and iterators.
 
 
-def _source_dataset(dataset: str, split: str, data_dir: str | None) -> grain.MapDataset:
+# Images stay encoded in the TFDS source; `DecodeImage` (PIL) decodes them.
+_SKIP_DECODING = tfds.decode.SkipDecoding()
+
+
+class DecodedSource:
+    """A split's examples with their photos decoded ((H, W, 3) uint8, read-only), in memory.
+
+    Random access like the TFDS source it was read from, with the same elements except that
+    ``image`` holds pixels instead of encoded bytes.
+    """
+
+    def __init__(self, source):
+        decode = DecodeImage()
+        self._examples = []
+        for i in range(len(source)):
+            example = decode.map(source[i])
+            example["image"].setflags(write=False)  # Shared by every epoch: never modified.
+            self._examples.append(example)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index):
+        return dict(self._examples[index])
+
+    def __repr__(self) -> str:
+        return f"DecodedSource({len(self)} examples)"
+
+
+# Per process, for its life: every epoch, stage and evaluation of a small split reads one copy.
+@functools.lru_cache(maxsize=4)
+def _decoded_source(dataset: str, split: str, data_dir: str | None) -> DecodedSource:
+    builder = _builder(dataset, data_dir)
+    return DecodedSource(builder.as_data_source(split, decoders={"image": _SKIP_DECODING}))
+
+
+def decoded_size_mb(dataset: str, split: str, data_dir: str | None = None) -> float | None:
+    """MB that a split's decoded photos take, or None when the photos' size varies."""
+    builder = _builder(dataset, data_dir)
+    shape = builder.info.features["image"].shape
+    if None in shape:
+        return None
+    return builder.info.splits[split].num_examples * math.prod(shape) / 2**20
+
+
+def _source_dataset(
+    dataset: str, split: str, data_dir: str | None, cache_in_memory_mb: float = 0
+) -> grain.MapDataset:
     builder = _builder(dataset, data_dir)
     if not builder.is_prepared():
         raise _not_built(dataset, builder, data_dir)
-    # Images stay encoded here and are decoded by `DecodeImage` (PIL), in the worker processes.
-    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    size_mb = decoded_size_mb(dataset, split, data_dir) if cache_in_memory_mb > 0 else None
+    if size_mb is not None and size_mb <= cache_in_memory_mb:
+        source = _decoded_source(dataset, split, data_dir)
+    else:
+        # Decoded by `DecodeImage`, in the worker processes, every time it is read.
+        source = builder.as_data_source(split, decoders={"image": _SKIP_DECODING})
     return grain.MapDataset.source(source).map_with_index(AddIndex(num_examples=len(source)))
 
 
@@ -315,11 +377,12 @@ def train_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     crop_scale: tuple[float, float] = (0.35, 1.0),
+    cache_in_memory_mb: float = 0,
 ) -> grain.MapDataset:
     """The infinite training MapDataset of this process's batches (see `make_train_iterator`)."""
     _check_sizes(image_size=image_size, batch_size=batch_size)
     shard_index, shard_count = _shard(shard_index, shard_count)
-    ds = _source_dataset(dataset, split, data_dir)
+    ds = _source_dataset(dataset, split, data_dir, cache_in_memory_mb)
     # One global stream, the same on every process: the split reshuffled every epoch, each
     # photo's crop and flip drawn from its position in the stream. Cut into per-process pieces
     # of B, global batch t is pieces t·P … t·P + P − 1, and process p reads piece t·P + p (the
@@ -344,11 +407,12 @@ def eval_dataset(
     shard_index: int | None = None,
     shard_count: int | None = None,
     crop_fraction: float = 1.0,
+    cache_in_memory_mb: float = 0,
 ) -> grain.MapDataset:
     """One pass over this process's shard, padded to whole batches (see `make_eval_iterator`)."""
     _check_sizes(image_size=image_size, batch_size=batch_size)
     shard_index, shard_count = _shard(shard_index, shard_count)
-    full = _source_dataset(dataset, split, data_dir)
+    full = _source_dataset(dataset, split, data_dir, cache_in_memory_mb)
     # Every process runs the same number of batches (a multi-host jitted step needs all
     # processes), so shards are padded to the batch count of the largest shard.
     num_batches = math.ceil(math.ceil(len(full) / shard_count) / batch_size)
@@ -397,6 +461,7 @@ def make_train_iterator(
     worker_count: int = 0,
     prefetch_buffer_size: int = 2,
     crop_scale: tuple[float, float] = (0.35, 1.0),
+    cache_in_memory_mb: float = 0,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's training batches.
 
@@ -412,6 +477,9 @@ def make_train_iterator(
       worker_count: grain worker processes (0: threads in this process only).
       prefetch_buffer_size: batches prepared ahead (per worker when `worker_count` > 0).
       crop_scale: area fraction range of the random resized crop.
+      cache_in_memory_mb: serve the split from memory, decoded once per process, when its
+        decoded photos take at most this many MB (0: always read and decode from disk). The
+        batches are the same either way.
 
     Returns:
       A `grain.DatasetIterator` of dicts as in the module docstring (``mask`` all True). Its
@@ -428,6 +496,7 @@ def make_train_iterator(
         shard_index=shard_index,
         shard_count=shard_count,
         crop_scale=crop_scale,
+        cache_in_memory_mb=cache_in_memory_mb,
     )
     return _iterate(ds, worker_count=worker_count, prefetch_buffer_size=prefetch_buffer_size)
 
@@ -444,6 +513,7 @@ def make_eval_iterator(
     worker_count: int = 0,
     prefetch_buffer_size: int = 2,
     crop_fraction: float = 1.0,
+    cache_in_memory_mb: float = 0,
 ) -> grain.DatasetIterator:
     """One pass over this process's shard of `split`, resized and centre-cropped.
 
@@ -451,6 +521,7 @@ def make_eval_iterator(
     the last batches are padded (``mask`` False) so that all processes yield the same number
     of full batches of `batch_size`. Arguments as in `make_train_iterator`; `crop_fraction`
     is the centred square's side as a fraction of the shorter side (1.0: the whole square).
+    Splits that fit in `cache_in_memory_mb` are decoded once and served from memory.
     """
     ds = eval_dataset(
         dataset,
@@ -461,5 +532,6 @@ def make_eval_iterator(
         shard_index=shard_index,
         shard_count=shard_count,
         crop_fraction=crop_fraction,
+        cache_in_memory_mb=cache_in_memory_mb,
     )
     return _iterate(ds, worker_count=worker_count, prefetch_buffer_size=prefetch_buffer_size)
