@@ -81,7 +81,7 @@ def main(argv):
         )
     _hide_gpus_from_tensorflow()
 
-    from m2net_jax import evaluate, results, train, validation
+    from m2net_jax import evaluate, results, steps, train, validation
 
     config = FLAGS.config
     logging.info(
@@ -96,6 +96,7 @@ def main(argv):
     )
     if problems.errors:
         raise validation.ConfigError(problems.errors, problems.warnings)
+    steps.configure_compilation_cache(config.compilation_cache_dir)
     try:
         with workdir_lock.job_lock(FLAGS.workdir):
             if config.mode == "train":
