@@ -151,7 +151,7 @@ def test_nan_in_the_loss_stops_with_stage_and_step_and_keeps_the_last_good_check
             batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
         return real(batch, mesh)
 
-    monkeypatch.setattr(train, "shard_batch", poisoned)
+    monkeypatch.setattr(steps, "shard_batch", poisoned)
     workdir = tmp_path / "w"
     with pytest.raises(train.NonFiniteError, match=r"\[pretrain\] Non-finite .* at step 5"):
         _run_stage(config, workdir)
