@@ -206,8 +206,9 @@ def policy_loss(
 def train_step(state: TrainState, batch, *, spec: StageSpec, loss_fn, tx) -> tuple:
     """One optimizer step on this device's shard; gradients and metrics averaged over 'data'.
 
-    A step whose loss or gradient is not finite changes nothing but the step counter (so the
-    state never absorbs a NaN) and reports `nonfinite` = 1; the loop decides what that means.
+    A step whose loss, gradient, or any parameter, batch statistic or optimizer moment it would
+    keep is not finite changes nothing but the step counter (so the state never absorbs a NaN
+    or an overflow) and reports `nonfinite` = 1; the loop decides what that means.
     """
     key = jax.random.fold_in(state.rng, state.step)
     train_params = trainable(state.params, spec)
@@ -223,7 +224,11 @@ def train_step(state: TrainState, batch, *, spec: StageSpec, loss_fn, tx) -> tup
     updates, opt_state = tx.update(grads, state.opt_state, train_params)
     new_params = optax.apply_updates(train_params, updates)
     grad_norm = optax.tree.norm(grads)
+    # A finite loss and gradient can still overflow what the step keeps (a huge update, a
+    # batch-norm variance of inf), so the kept trees are checked too: one cheap pass over them.
     finite = jnp.isfinite(scalars["loss"]) & jnp.isfinite(grad_norm)
+    for tree in (new_params, batch_stats, opt_state):
+        finite &= _all_finite(tree)
     keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     scalars["grad_norm"] = grad_norm
     scalars["nonfinite"] = 1.0 - finite.astype(jnp.float32)
@@ -234,6 +239,16 @@ def train_step(state: TrainState, batch, *, spec: StageSpec, loss_fn, tx) -> tup
         opt_state=keep_if_finite(opt_state, state.opt_state),
     )
     return new_state, scalars
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every inexact leaf of `tree` is finite (integer leaves, e.g. counts, always are)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def make_train_step(

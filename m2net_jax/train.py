@@ -239,6 +239,7 @@ def train_stage(
             data=grain.checkpoint.CheckpointRestore(train_iter),
         ),
         stage=stage,
+        set_aside=True,  # So that the steps of an unreadable checkpoint can be saved again.
     )
     hyperparameters = stage_config.hyperparameters(config, stage)
     if restored is None:
@@ -295,25 +296,30 @@ def train_stage(
                     _check_finite(unchecked, stage, config.on_nonfinite, mngr)
                     unchecked = []
                 if saving:
-                    mngr.save(
-                        done,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardSave(state),
-                            data=grain.checkpoint.CheckpointSave(train_iter),
-                        ),
-                        force=True,
-                    )
+                    with checkpoint.disk_errors_as_os_errors(mngr.directory):
+                        mngr.save(
+                            done,
+                            args=ocp.args.Composite(
+                                state=ocp.args.StandardSave(state),
+                                data=grain.checkpoint.CheckpointSave(train_iter),
+                            ),
+                            custom_metadata=checkpoint.save_metadata(state),
+                            force=True,
+                        )
                 if on_step is not None:
                     on_step(done)
                 if preempted:
-                    mngr.wait_until_finished()
+                    with checkpoint.disk_errors_as_os_errors(mngr.directory):
+                        mngr.wait_until_finished()
                     raise Preempted(
                         f"[{stage}] Stopped at step {done} on request (SIGTERM); the checkpoint "
                         f"is saved in {mngr.directory}. Rerun the same command to resume."
                     )
     finally:
-        # Also on an exception: a save in flight completes, so no finished work is lost.
-        mngr.wait_until_finished()
+        # Also on an exception: a save in flight completes, so no finished work is lost. An
+        # asynchronous save's write error (a full disk) surfaces here or at the next save.
+        with checkpoint.disk_errors_as_os_errors(mngr.directory):
+            mngr.wait_until_finished()
         mngr.close()
         writer.flush()
     return StageResult(variables=state.variables, steps=total_steps)
@@ -415,18 +421,30 @@ def train_and_evaluate(
 def _starting_variables(first_stage: str, config, workdir: str, mesh, fresh):
     """Variables the first selected stage starts from, unless it resumes its own checkpoint.
 
-    Decided by what the workdir holds checkpoints of, not by which folders exist: a stage
-    killed before its first save starts again from the previous stage's checkpoint.
+    Whether a stage resumes is only known when its restore is tried (a folder with no step, or
+    with only damaged ones, resumes nothing), so a later stage is always handed the previous
+    stage's newest readable variables: `train_stage` starts from them whenever it cannot
+    resume, and never from random ones. Only when the previous stage has none does a stage that
+    has readable variables of its own start from those (its full state normally replaces them).
     """
     index = STAGES.index(first_stage)
-    if index == 0 or checkpoint.recorded_signature(workdir, first_stage) is not None:
-        # Fresh pretraining; or a resumed stage, whose checkpoint replaces these on restore.
+    if index == 0:
         return fresh
     previous = STAGES[index - 1]
-    restored = checkpoint.restore_variables(workdir, previous, config, mesh=mesh)
+    try:
+        restored = checkpoint.restore_variables(workdir, previous, config, mesh=mesh)
+    except checkpoint.NoReadableCheckpointError as error:
+        logging.error("%s", error)
+        restored = None
+    if restored is None and checkpoint.recorded_signature(workdir, first_stage) is not None:
+        logging.warning(
+            "[%s] %s has no readable %r checkpoint; the stage resumes its own.",
+            first_stage, workdir, previous,
+        )  # fmt: skip
+        restored = checkpoint.restore_variables(workdir, first_stage, config, mesh=mesh)
     if restored is None:
-        raise FileNotFoundError(
-            f"Stage {first_stage!r} starts from stage {previous!r}, but {workdir} has no "
+        raise checkpoint.MissingCheckpointError(
+            f"Stage {first_stage!r} starts from stage {previous!r}, but {workdir} has no readable "
             f"{previous!r} checkpoint. Run it first: --config.stages.run={previous},{first_stage}"
         )
     return restored.variables

@@ -5,6 +5,7 @@ newest checkpoint falls back, a NaN stops with a named error, an incompatible wo
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,6 +137,90 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(
     _, step = final_variables(workdir, smoke_data_dir, "pretrain")
     assert step == 6
     assert "Checkpoint at step 8 cannot be restored" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def pretrained(smoke_data_dir, tmp_path_factory):
+    """A workdir holding only finished pretrain checkpoints (steps 6 and 8), and its final
+    variables; tests copy it."""
+    workdir = tmp_path_factory.mktemp("pretrained") / "w"
+    result = _run_stage(smoke_config(smoke_data_dir), workdir)
+    return workdir, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result.variables))]
+
+
+def _garble_silently(step_dir):
+    """Flips a byte in the middle of the largest compressed array file of a step: it decodes
+    into other values without any error from Orbax."""
+    files = [f for f in glob.glob(f"{step_dir}/state/**/*", recursive=True) if os.path.isfile(f)]
+    path = max(files, key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_silently_garbled_newest_checkpoint_is_set_aside_and_the_stage_finishes_twice(
+    smoke_data_dir, tmp_path, pretrained, caplog
+):
+    template, want = pretrained
+    workdir = tmp_path / "w"
+    shutil.copytree(template, workdir)
+    _garble_silently(workdir / "checkpoints/pretrain/8")
+
+    caplog.set_level("ERROR")
+    seen = []
+    result = _run_stage(smoke_config(smoke_data_dir), workdir, on_step=seen.append)
+    assert seen[0] == 6  # Step 8 failed its checksums; step 6 was restored.
+    assert "step 8 cannot be restored (checksum mismatch" in caplog.text
+    assert glob.glob(str(workdir / "checkpoints/pretrain/8.unreadable-*/state"))
+    got = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(result.variables))]
+    for a, b in zip(got, want, strict=True):  # Resumed exactly: as if nothing had happened.
+        np.testing.assert_array_equal(a, b)
+
+    seen.clear()
+    _run_stage(smoke_config(smoke_data_dir), workdir, on_step=seen.append)  # And again.
+    assert seen == [8]
+    got, step = final_variables(workdir, smoke_data_dir, "pretrain")
+    assert step == 8
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(stage, step):
+    def on_step(s, n):
+        if (s, n) == (stage, step):
+            raise _Stop(f"{s} {n}")
+
+    return on_step
+
+
+@pytest.mark.parametrize("left_behind", ["no_step", "only_unreadable_steps"])
+def test_a_later_stage_without_a_readable_checkpoint_starts_from_the_previous_stage(
+    smoke_data_dir, tmp_path, pretrained, left_behind
+):
+    template, _ = pretrained
+    workdir = tmp_path / "w"
+    shutil.copytree(template, workdir)
+    config = smoke_config(smoke_data_dir, stages="policy,finetune")
+    # The first policy run stops before its first save, or after saving step 2 (then garbled).
+    stop = 0 if left_behind == "no_step" else 3
+    with pytest.raises(_Stop):
+        train.train_and_evaluate(config, str(workdir), on_step=_stop_at("policy", stop))
+    policy_dir = workdir / "checkpoints/policy"
+    assert policy_dir.is_dir()
+    if left_behind == "only_unreadable_steps":
+        _garble_silently(policy_dir / "2")
+
+    with pytest.raises(_Stop):  # The rerun trains the policy stage, then stops.
+        train.train_and_evaluate(config, str(workdir), on_step=_stop_at("finetune", 0))
+    pretrain = ckpt.restore_variables(str(workdir), "pretrain", config)
+    policy = ckpt.restore_variables(str(workdir), "policy", config)
+    for collection in ("params", "batch_stats"):
+        got = jax.tree.leaves(jax.device_get(policy.variables[collection]["recognizer"]))
+        want = jax.tree.leaves(jax.device_get(pretrain.variables[collection]["recognizer"]))
+        for a, b in zip(got, want, strict=True):  # The frozen recognizer is pretrain's, bitwise.
+            np.testing.assert_array_equal(a, b)
 
 
 def test_nan_in_the_loss_stops_with_stage_and_step_and_keeps_the_last_good_checkpoint(
