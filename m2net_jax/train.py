@@ -131,6 +131,11 @@ class Progress:
         """Counts rates from `step` on (e.g. after the first step, which includes compiling)."""
         self._step, self._time = step, time.monotonic()
 
+    def report(self, step: int, metrics: Mapping[str, Any], steps_per_epoch: int):
+        """Logs the line for `step`; returns the metrics with the rates and epoch beside them."""
+        values = {k: float(v) for k, v in metrics.items()}
+        return {**values, **self(step, values), "epoch": step / steps_per_epoch}
+
     def __call__(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
         """Logs the line for `step`; returns the rate scalars to write beside the metrics."""
         now = time.monotonic()
@@ -181,6 +186,80 @@ def stage_steps_per_epoch(stage: str, config, mesh, num_train_examples: int) -> 
     return steps_per_epoch
 
 
+def _train_iterator(stage: str, config):
+    """This process's share of the stage's training batches (a checkpointable grain iterator)."""
+    return pipeline.make_train_iterator(
+        config.data.dataset,
+        data_dir=config.data.data_dir,
+        image_size=config.data.image_size,
+        batch_size=config.stages[stage].batch_size // jax.process_count(),
+        seed=config.seed + STAGES.index(stage),
+        worker_count=config.data.worker_count,
+        prefetch_buffer_size=config.data.prefetch_buffer_size,
+        cache_in_memory_mb=config.data.cache_in_memory_mb,
+    )
+
+
+def _restore_or_start(
+    stage, config, workdir, mngr, train_iter, *, networks, mesh, tx, start_variables
+) -> state_lib.TrainState:
+    """The stage's newest readable checkpoint (restoring the iterator too), else step 0."""
+    spec = STAGE_SPECS[stage]
+    abstract = state_lib.abstract_train_state(stage, config, networks, NamedSharding(mesh, P()))
+    restored = checkpoint.restore_latest_readable(
+        mngr,
+        lambda _: ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(train_iter),
+        ),
+        stage=stage,
+        set_aside=True,  # So that the steps of an unreadable checkpoint can be saved again.
+    )
+    hyperparameters = stage_config.hyperparameters(config, stage)
+    if restored is not None:
+        stage_config.check(workdir, stage, hyperparameters)
+        logging.info("[%s] Resuming from the checkpoint at step %d.", stage, restored[0])
+        return restored[1]["state"]
+    stage_config.record(workdir, stage, hyperparameters)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGES.index(stage))
+    state = state_lib.create_train_state(start_variables, spec, tx, key)
+    if jax.process_index() == 0 and logging.level_debug():
+        overview = parameter_overview.get_parameter_overview(
+            state_lib.trainable(state.params, spec)
+        )
+        logging.debug("[%s] Trained parameters:\n%s", stage, overview)
+    return steps.replicate(state, mesh)
+
+
+def _log_start(stage: str, stage_cfg, steps_per_epoch: int, mesh, start: int) -> None:
+    logging.info(
+        "[%s] %d epochs x %d steps/epoch = %d steps, global batch %d on %d devices; "
+        "starting at step %d.",
+        stage, stage_cfg.epochs, steps_per_epoch, stage_cfg.epochs * steps_per_epoch,
+        stage_cfg.batch_size, mesh.size, start,
+    )  # fmt: skip
+
+
+def _finish_saves(mngr) -> None:
+    """Waits for an asynchronous save; its write error (a full disk) surfaces here."""
+    with checkpoint.disk_errors_as_os_errors(mngr.directory):
+        mngr.wait_until_finished()
+
+
+def _save(mngr, step: int, state, train_iter) -> None:
+    """Saves the state and the data iterator together (asynchronously), with their checksums."""
+    with checkpoint.disk_errors_as_os_errors(mngr.directory):
+        mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(train_iter),
+            ),
+            custom_metadata=checkpoint.save_metadata(state),
+            force=True,
+        )
+
+
 def train_stage(
     stage: str,
     config,
@@ -215,56 +294,16 @@ def train_stage(
     steps_per_epoch = stage_steps_per_epoch(stage, config, mesh, num_train_examples)
     total_steps = stage_cfg.epochs * steps_per_epoch
     tx = state_lib.make_optimizer(stage_cfg, steps_per_epoch=steps_per_epoch)
-    hp = steps.loss_hyperparams(config, stage, steps_per_epoch=steps_per_epoch)
-    if config.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(
-            f"config.on_nonfinite must be 'stop' or 'skip', not {config.on_nonfinite!r}."
-        )
-    train_iter = pipeline.make_train_iterator(
-        config.data.dataset,
-        data_dir=config.data.data_dir,
-        image_size=config.data.image_size,
-        batch_size=stage_cfg.batch_size // jax.process_count(),
-        seed=config.seed + STAGES.index(stage),
-        worker_count=config.data.worker_count,
-        prefetch_buffer_size=config.data.prefetch_buffer_size,
-        cache_in_memory_mb=config.data.cache_in_memory_mb,
-    )
+    train_iter = _train_iterator(stage, config)
     mngr = checkpoint.stage_manager(workdir, stage, config, networks.recognizer.num_classes)
-    abstract = state_lib.abstract_train_state(stage, config, networks, NamedSharding(mesh, P()))
-    restored = checkpoint.restore_latest_readable(
-        mngr,
-        lambda _: ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(train_iter),
-        ),
-        stage=stage,
-        set_aside=True,  # So that the steps of an unreadable checkpoint can be saved again.
-    )
-    hyperparameters = stage_config.hyperparameters(config, stage)
-    if restored is None:
-        stage_config.record(workdir, stage, hyperparameters)
-        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGES.index(stage))
-        state = state_lib.create_train_state(start_variables, spec, tx, key)
-        state = steps.replicate(state, mesh)
-    else:
-        stage_config.check(workdir, stage, hyperparameters)
-        logging.info("[%s] Resuming from the checkpoint at step %d.", stage, restored[0])
-        state = restored[1]["state"]
-    start = int(jax.device_get(state.step))
-
-    if start == 0 and jax.process_index() == 0 and logging.level_debug():
-        overview = parameter_overview.get_parameter_overview(
-            state_lib.trainable(state.params, spec)
-        )
-        logging.debug("[%s] Trained parameters:\n%s", stage, overview)
-    logging.info(
-        "[%s] %d epochs x %d steps/epoch = %d steps, global batch %d on %d devices; "
-        "starting at step %d.",
-        stage, stage_cfg.epochs, steps_per_epoch, total_steps, stage_cfg.batch_size, mesh.size,
-        start,
+    state = _restore_or_start(
+        stage, config, workdir, mngr, train_iter, networks=networks, mesh=mesh, tx=tx,
+        start_variables=start_variables,
     )  # fmt: skip
+    start = int(jax.device_get(state.step))
+    _log_start(stage, stage_cfg, steps_per_epoch, mesh, start)
 
+    hp = steps.loss_hyperparams(config, stage, steps_per_epoch=steps_per_epoch)
     step_fn = steps.make_train_step(spec, networks, hp, tx, mesh)
     collection = _collection(stage)
     progress = Progress(stage, start=start, total=total_steps, global_batch=stage_cfg.batch_size)
@@ -287,8 +326,7 @@ def train_stage(
                 preempted = preemption.reached(done)
                 is_last = done == total_steps
                 if done % config.log.every_steps == 0 or is_last:
-                    values = {k: float(v) for k, v in running.compute().items()}
-                    values.update(progress(done, values), epoch=done / steps_per_epoch)
+                    values = progress.report(done, running.compute(), steps_per_epoch)
                     writer.write_scalars(done, {f"{stage}/{k}": v for k, v in values.items()})
                     running = None
                 saving = is_last or preempted or mngr.should_save(done)
@@ -296,30 +334,18 @@ def train_stage(
                     _check_finite(unchecked, stage, config.on_nonfinite, mngr)
                     unchecked = []
                 if saving:
-                    with checkpoint.disk_errors_as_os_errors(mngr.directory):
-                        mngr.save(
-                            done,
-                            args=ocp.args.Composite(
-                                state=ocp.args.StandardSave(state),
-                                data=grain.checkpoint.CheckpointSave(train_iter),
-                            ),
-                            custom_metadata=checkpoint.save_metadata(state),
-                            force=True,
-                        )
+                    _save(mngr, done, state, train_iter)
                 if on_step is not None:
                     on_step(done)
                 if preempted:
-                    with checkpoint.disk_errors_as_os_errors(mngr.directory):
-                        mngr.wait_until_finished()
+                    _finish_saves(mngr)
                     raise Preempted(
                         f"[{stage}] Stopped at step {done} on request (SIGTERM); the checkpoint "
                         f"is saved in {mngr.directory}. Rerun the same command to resume."
                     )
     finally:
-        # Also on an exception: a save in flight completes, so no finished work is lost. An
-        # asynchronous save's write error (a full disk) surfaces here or at the next save.
-        with checkpoint.disk_errors_as_os_errors(mngr.directory):
-            mngr.wait_until_finished()
+        # Also on an exception: a save in flight completes, so no finished work is lost.
+        _finish_saves(mngr)
         mngr.close()
         writer.flush()
     return StageResult(variables=state.variables, steps=total_steps)

@@ -71,34 +71,7 @@ def get_config():
     c.sampling.curriculum_epochs = 1  # Policy stage: one more decided block every this many epochs.
 
     # The three stages of BlockDrop's schedule; `run` selects which of them this job runs.
-    c.stages = ml_collections.ConfigDict()
-    c.stages.run = ",".join(STAGES)
-    c.stages.pretrain = _stage(
-        epochs=30,
-        batch_size=128,
-        optimizer="sgd",
-        learning_rate=0.1,
-        weight_decay=5e-4,
-        warmup_epochs=1,
-    )
-    c.stages.policy = _stage(
-        epochs=15,
-        batch_size=128,
-        optimizer="adam",
-        learning_rate=1e-3,
-        weight_decay=0.0,
-        penalty=5.0,
-        entropy_weight=0.1,
-    )
-    c.stages.finetune = _stage(
-        epochs=10,
-        batch_size=128,
-        optimizer="adam",
-        learning_rate=1e-4,
-        weight_decay=0.0,
-        penalty=10.0,
-        entropy_weight=0.0,
-    )
+    c.stages = _stages()
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.save_interval_steps = 200
@@ -115,6 +88,39 @@ def get_config():
 
     c.lock()
     return c
+
+
+def _stages() -> ml_collections.ConfigDict:
+    """The stages' keys: which run, and each stage's schedule, optimizer and reward weights."""
+    stages = ml_collections.ConfigDict()
+    stages.run = ",".join(STAGES)
+    stages.pretrain = _stage(
+        epochs=30,
+        batch_size=128,
+        optimizer="sgd",
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        warmup_epochs=1,
+    )
+    stages.policy = _stage(
+        epochs=15,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        penalty=5.0,
+        entropy_weight=0.1,
+    )
+    stages.finetune = _stage(
+        epochs=10,
+        batch_size=128,
+        optimizer="adam",
+        learning_rate=1e-4,
+        weight_decay=0.0,
+        penalty=10.0,
+        entropy_weight=0.0,
+    )
+    return stages
 
 
 def _stage(
