@@ -194,6 +194,12 @@ def test_smoke_job_trains_and_evaluates_without_tensorflow(smoke_data_dir, tmp_p
     for stage in ("pretrain", "policy", "finetune"):
         assert stage in trained.stdout  # The results table.
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    # A console a person reads: a progress line per logged step, no library chatter.
+    console = (trained.stdout + trained.stderr).splitlines()
+    assert len(console) < 150, "\n".join(console)
+    for stage in ("pretrain", "policy", "finetune"):
+        assert any(f"[{stage}] step " in line and " ETA " in line for line in console)
+    assert trained.stdout.count("finetune ") == 1  # One results table.
     evaluated = _run_blocked(
         code.replace("+ sys.argv[1:]", "+ ['--config.mode=eval']"), {"tensorflow"}
     )
