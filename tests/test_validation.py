@@ -55,7 +55,7 @@ BAD_VALUES = [
     ("stages.pretrain.learning_rate", float("nan")),
     ("stages.policy.learning_rate", float("inf")),
     *[(f"stages.{s}.batch_size", v) for s in validation.STAGES for v in (0, -8)],
-    *[(f"stages.{s}.epochs", 0) for s in validation.STAGES],
+    *[(f"stages.{s}.epochs", -1) for s in validation.STAGES],
     ("stages.pretrain.warmup_epochs", -1),
     ("stages.pretrain.warmup_epochs", 30),
     ("stages.pretrain.optimizer", "adamw"),
