@@ -142,7 +142,7 @@ def _run_blocked(code: str, blocked) -> subprocess.CompletedProcess:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # The smoke job takes ~2 min on 2 idle cores; a shared machine is slower.
         env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "EPATH_USE_TF": "false"},
         check=False,
     )
