@@ -125,7 +125,7 @@ def cli():
     # script's shim, not this module.
     for flag in FLAGS.get_key_flags_for_module(__name__):
         FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    app.run(user_errors.reporting_user_errors(main))
+    app.run(user_errors.reporting_user_errors(main), flags_parser=user_errors.parse_flags)
 
 
 if __name__ == "__main__":

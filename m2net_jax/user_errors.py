@@ -60,14 +60,15 @@ def os_error_message(exc: OSError) -> str | None:
 def user_message(exc: BaseException) -> str | None:
     """The message to print instead of a traceback, or None for an internal error.
 
-    A `UserError` prints its own message. A full, read-only or forbidden disk is recognised
-    anywhere in the exception's chain of causes (`__cause__`, or `__context__` when not
-    suppressed), because libraries wrap the OSError they met.
+    A `UserError` prints its own message; a full, read-only or forbidden disk prints what to do.
+    Both are recognised anywhere in the exception's chain of causes (`__cause__`, or
+    `__context__` when not suppressed), because libraries (grain's worker processes, Orbax)
+    wrap the error they met.
     """
-    if isinstance(exc, UserError):
-        return str(exc)
     seen = 0
     while exc is not None and seen < _MAX_CHAIN:
+        if isinstance(exc, UserError):
+            return str(exc)
         if isinstance(exc, OSError) and (message := os_error_message(exc)) is not None:
             return message
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
@@ -100,3 +101,36 @@ def reporting_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         return run_reporting_user_errors(fn, *args, **kwargs)
 
     return wrapper
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a key the config lacks reported in one line.
+
+    ml_collections rejects ``--config.data.datset=x`` with a KeyError while absl parses the
+    flags, before ``main`` runs (so `reporting_user_errors` cannot see it), and its "did you
+    mean" ends a long traceback. Pass this as ``app.run(..., flags_parser=parse_flags)``.
+
+    Raises:
+      SystemExit: status `EXIT_STATUS`, after writing ``Error: <flag>: ...`` to stderr.
+    """
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        text = error
+        while isinstance(text, BaseException):  # AttributeError(KeyError(message))
+            text = text.args[0] if text.args else ""
+        text = str(text)
+        key, _, hint = text.partition("\n")
+        key = key.strip("'\"")
+        named = [
+            arg
+            for arg in argv[1:]
+            if arg.lstrip("-").startswith("config.") and key in arg.split("=")[0].split(".")
+        ]
+        if not key or not named:
+            raise
+        hint = f" {hint.strip()}" if hint.strip() else ""
+        print(f"Error: {named[0]}: the config has no key {key!r}.{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_STATUS) from None

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -341,3 +342,38 @@ def test_only_splits_within_the_threshold_are_held_in_memory(data_dir):
     decoded = pipeline._decoded_source.cache_info().misses
     pipeline._source_dataset(SMOKE, "train", data_dir, cache_in_memory_mb=size_mb)
     assert pipeline._decoded_source.cache_info().misses == decoded  # Decoded once per process.
+
+
+def _garble(path: pathlib.Path, offset: int, length: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + length):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("cache_in_memory_mb", [0, 64])
+def test_a_damaged_shard_is_a_user_error_naming_the_rebuild_command(
+    data_dir, tmp_path, cache_in_memory_mb
+):
+    from m2net_jax import user_errors
+    from m2net_jax.data import build
+
+    damaged = tmp_path / "tfds"
+    shutil.copytree(data_dir, damaged)
+    (shard,) = damaged.glob("geo_twins/smoke/*/geo_twins-train.array_record-*")
+    _garble(shard, offset=shard.stat().st_size // 3)
+    with pytest.raises(pipeline.DamagedDatasetError) as error:
+        iterator = train_iterator(str(damaged), cache_in_memory_mb=cache_in_memory_mb)
+        for _ in range(32):  # two epochs of 16 batches: every record is read
+            next(iterator)
+    message = user_errors.user_message(error.value)
+    assert "geo_twins/smoke (train split" in message and "damaged" in message
+    command = f"python -m m2net_jax.data.build --dataset={SMOKE} --data_dir={damaged} --overwrite"
+    assert message.endswith(command)
+
+    # The command it names repairs the dataset.
+    build.build_dataset(SMOKE, data_dir=str(damaged), overwrite=True)
+    pipeline._decoded_source.cache_clear()
+    repaired = train_iterator(str(damaged), cache_in_memory_mb=cache_in_memory_mb)
+    intact = train_iterator(data_dir)
+    assert_same_batches([next(intact) for _ in range(16)], [next(repaired) for _ in range(16)])

@@ -131,3 +131,44 @@ def test_absl_main_with_an_internal_error_keeps_its_traceback():
     proc = _run_absl_main("raise KeyError('bug')")
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "KeyError: 'bug'" in proc.stderr
+
+
+def _run_main(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "m2net_jax.main", *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "suggestion"),
+    [
+        ("--config.data.datset=x", "datset", '"dataset"'),
+        ("--config.dta.dataset=x", "dta", '"data"'),
+        ("--config.stages.policy.learning_rat=0.1", "learning_rat", '"learning_rate"'),
+    ],
+)
+def test_an_override_of_a_key_the_config_lacks_is_one_line_with_the_suggestion(
+    tmp_path, override, key, suggestion
+):
+    config = os.path.join(REPO, "m2net_jax", "configs", "r47.py") + ":smoke"
+    proc = _run_main(f"--config={config}", override, f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"Error: {override}: the config has no key {key!r}.")
+    assert f"Did you mean {suggestion}" in errors[0]
+    assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_a_value_of_the_wrong_type_keeps_absls_flag_error():
+    config = os.path.join(REPO, "m2net_jax", "configs", "r47.py") + ":smoke"
+    proc = _run_main(f"--config={config}", "--config.data.image_size=abc", "--workdir=/tmp/w")
+    assert proc.returncode == 1
+    assert "FATAL Flags parsing error: flag --config.data.image_size=abc" in proc.stderr
+    assert "Traceback" not in proc.stderr

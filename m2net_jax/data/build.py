@@ -13,6 +13,8 @@ Plain TFDS builds them too, once the module is imported:
   tfds build landmark420 --imports=m2net_jax.data --manual_dir=/data/gldv2 --data_dir=...
 """
 
+import contextlib
+import io
 import sys
 
 import tensorflow_datasets as tfds
@@ -59,14 +61,22 @@ def build_dataset(
       The builder of the built dataset (`builder.as_data_source(split)` reads it).
     """
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    if name.split("/")[0] == "geo_twins":
+        tfds.disable_progress_bar()  # Seconds long: its bars say less than the closing line.
     mode = (
         tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
         if overwrite
         else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
     )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
-    )
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." to stdout although
+    # nothing is downloaded; stdout keeps only this tool's closing summary (progress bars, for
+    # the long GLDv2 builds, stay on stderr).
+    with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir, download_mode=mode, try_download_gcs=False
+            )
+        )
     return builder
 
 

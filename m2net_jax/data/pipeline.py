@@ -46,6 +46,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import flags
 
+from m2net_jax import user_errors
 from m2net_jax.data import geo_twins
 from m2net_jax.data.transforms import (  # noqa: F401  (part of this module's API)
     AddIndex,
@@ -62,8 +63,12 @@ from m2net_jax.data.transforms import (  # noqa: F401  (part of this module's AP
 PROCEDURAL_DATASETS = ("geo_twins",)
 
 
-class DatasetNotBuiltError(FileNotFoundError):
+class DatasetNotBuiltError(user_errors.UserError, FileNotFoundError):
     """The requested TFDS dataset has not been generated in the data directory."""
+
+
+class DamagedDatasetError(user_errors.UserError, RuntimeError):
+    """A record of a built dataset cannot be read (a damaged or truncated file)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,11 +206,44 @@ class DecodedSource:
         return f"DecodedSource({len(self)} examples)"
 
 
+class CheckedSource:
+    """A TFDS data source whose unreadable records raise `DamagedDatasetError`.
+
+    array_record checks a hash of every block it reads; a damaged file fails there with a
+    RuntimeError deep in a worker process. This names the dataset, split and example instead
+    and gives the command that rebuilds it.
+    """
+
+    def __init__(self, dataset: str, split: str, data_dir: str | None):
+        self._dataset, self._split, self._data_dir = dataset, split, data_dir
+        builder = _builder(dataset, data_dir)
+        self._path = str(builder.data_dir)
+        self._source = builder.as_data_source(split, decoders={"image": _SKIP_DECODING})
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        try:
+            return self._source[index]
+        except (RuntimeError, OSError, ValueError) as error:
+            reason = (
+                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            )
+            raise DamagedDatasetError(
+                f"Example {index} of {self._dataset} ({self._split} split, in {self._path}) "
+                f"cannot be read: {reason}. The dataset's files are damaged; rebuild it with: "
+                f"{build_command(self._dataset, data_dir=self._data_dir)} --overwrite"
+            ) from error
+
+    def __repr__(self) -> str:
+        return f"CheckedSource({self._dataset}, {self._split}, {len(self)} examples)"
+
+
 # Per process, for its life: every epoch, stage and evaluation of a small split reads one copy.
 @functools.lru_cache(maxsize=4)
 def _decoded_source(dataset: str, split: str, data_dir: str | None) -> DecodedSource:
-    builder = _builder(dataset, data_dir)
-    return DecodedSource(builder.as_data_source(split, decoders={"image": _SKIP_DECODING}))
+    return DecodedSource(CheckedSource(dataset, split, data_dir))
 
 
 def decoded_size_mb(dataset: str, split: str, data_dir: str | None = None) -> float | None:
@@ -228,7 +266,7 @@ def _source_dataset(
         source = _decoded_source(dataset, split, data_dir)
     else:
         # Decoded by `DecodeImage`, in the worker processes, every time it is read.
-        source = builder.as_data_source(split, decoders={"image": _SKIP_DECODING})
+        source = CheckedSource(dataset, split, data_dir)
     return grain.MapDataset.source(source).map_with_index(AddIndex(num_examples=len(source)))
 
 
