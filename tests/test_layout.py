@@ -224,3 +224,22 @@ def test_modules_and_functions_read_in_one_sitting():
     long_functions = {name: n for name, n in _function_lengths() if n > 90}
     assert not long_modules, long_modules
     assert not long_functions, long_functions
+
+
+def test_no_merge_conflict_markers_in_tracked_files():
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=False)
+    names = [n.decode() for n in listed.stdout.split(b"\0") if n]
+    if listed.returncode or not names:
+        pytest.skip("not a git checkout")
+    text_files = (".py", ".md", ".toml", ".txt", ".sh", ".ipynb", ".cfg", ".sbatch")
+    found = []
+    for name in names:
+        if not name.endswith(text_files):
+            continue
+        with open(os.path.join(REPO, name), encoding="utf-8", errors="replace") as f:
+            found += [
+                f"{name}:{number}"
+                for number, line in enumerate(f, 1)
+                if line.startswith(("<<<<<<< ", ">>>>>>> "))
+            ]
+    assert not found, f"merge conflict markers left in: {found}"
