@@ -194,8 +194,10 @@ def test_main_without_landmark420_exits_with_build_instructions(tmp_path):
             f"--config.data.data_dir={empty}",
         ]
     )
-    assert proc.returncode != 0
-    assert "python -m m2net_jax.data.build --dataset=landmark420" in proc.stderr
+    assert proc.returncode == 2  # a user error: one line, no traceback
+    assert "Traceback" not in proc.stderr
+    (error,) = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert "python -m m2net_jax.data.build --dataset=landmark420" in error
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
