@@ -152,9 +152,11 @@ def state_checksums(tree) -> dict[str, str]:
     """
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     values = jax.device_get(
-        [jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-         for _, x in leaves]
-    )  # fmt: skip
+        [
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for _, x in leaves
+        ]
+    )
     checksums = {}
     for (path, _), value in zip(leaves, values, strict=True):
         array = np.ascontiguousarray(value)
@@ -238,8 +240,10 @@ def restore_latest_readable(
         failures.append(f"step {step}: {reason}")
         logging.error(
             "[%s] Checkpoint at step %d cannot be restored (%s); trying an older one.",
-            stage, step, reason[:500],
-        )  # fmt: skip
+            stage,
+            step,
+            reason[:500],
+        )
         if set_aside:
             _set_aside(mngr, step, stage)
     if failures and not set_aside:

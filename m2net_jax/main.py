@@ -20,25 +20,29 @@ from m2net_jax import configs, user_errors, workdir_lock  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events, results.")
 configs.DEFINE_config_file(
-    "config", "A config file[:argument], from any directory: e.g. m2net_jax/configs/quickstart.py, "
+    "config",
+    "A config file[:argument], from any directory: e.g. m2net_jax/configs/quickstart.py, "
     "m2net_jax/configs/r47.py:geo_twins, or a file of your own.",
-)  # fmt: skip
+)
 flags.DEFINE_string(
-    "coordinator_address", None,
+    "coordinator_address",
+    None,
     "host:port of process 0 in a multi-process run (else $JAX_COORDINATOR_ADDRESS, or the "
     "cluster's auto-detection: SLURM, Open MPI, TPU pods).",
-)  # fmt: skip
+)
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool(
-    "multiprocess", None,
+    "multiprocess",
+    None,
     "Start jax.distributed (default: when the flags above, $JAX_COORDINATOR_ADDRESS, or a "
     "multi-task SLURM / Open MPI job say so). Pass --multiprocess on TPU pod slices.",
-)  # fmt: skip
+)
 flags.DEFINE_bool(
-    "library_logs", False,
+    "library_logs",
+    False,
     "Show the INFO lines of Orbax, grain, TFDS, JAX and clu (by default only their warnings).",
-)  # fmt: skip
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Libraries whose INFO lines (Orbax alone logs ~40 per checkpoint) hide the job's own progress.
@@ -86,9 +90,12 @@ def main(argv):
     config = FLAGS.config
     logging.info(
         "JAX process %d of %d; %d local / %d global devices (%s).",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
         jax.devices()[0].device_kind,
-    )  # fmt: skip
+    )
     logging.debug("Config:\n%s", config)
     # Every config problem at once, before any work (the dataset's own checks follow in train).
     problems = validation.validate_config(

@@ -42,6 +42,13 @@ from m2net_jax.state import STAGE_SPECS, STAGES, Networks
 class Preempted(Exception):  # noqa: N818  (a condition, not a failure)
     """The job was asked to stop (SIGTERM / preemption notice); its checkpoint is saved."""
 
+    @classmethod
+    def at(cls, stage: str, step: int, directory) -> Preempted:
+        return cls(
+            f"[{stage}] Stopped at step {step} on request (SIGTERM); the checkpoint is saved in "
+            f"{directory}. Rerun the same command to resume."
+        )
+
 
 class NonFiniteError(FloatingPointError):
     """A step's loss or gradient was NaN or infinite and `config.on_nonfinite` is 'stop'."""
@@ -147,9 +154,14 @@ class Progress:
         images_per_sec = steps_per_sec * self.global_batch
         logging.info(
             "[%s] step %d/%d  loss %.4f  accuracy %.3f  %.1f images/s  ETA %s",
-            self.stage, step, self.total, values["loss"], values["accuracy"], images_per_sec,
+            self.stage,
+            step,
+            self.total,
+            values["loss"],
+            values["accuracy"],
+            images_per_sec,
             _duration(eta),
-        )  # fmt: skip
+        )
         return {"steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
 
 
@@ -235,9 +247,14 @@ def _log_start(stage: str, stage_cfg, steps_per_epoch: int, mesh, start: int) ->
     logging.info(
         "[%s] %d epochs x %d steps/epoch = %d steps, global batch %d on %d devices; "
         "starting at step %d.",
-        stage, stage_cfg.epochs, steps_per_epoch, stage_cfg.epochs * steps_per_epoch,
-        stage_cfg.batch_size, mesh.size, start,
-    )  # fmt: skip
+        stage,
+        stage_cfg.epochs,
+        steps_per_epoch,
+        stage_cfg.epochs * steps_per_epoch,
+        stage_cfg.batch_size,
+        mesh.size,
+        start,
+    )
 
 
 def _finish_saves(mngr) -> None:
@@ -288,29 +305,34 @@ def train_stage(
       NonFiniteError: a non-finite step with `config.on_nonfinite='stop'`; the newest
         checkpoint is the last good one.
     """
-    spec = STAGE_SPECS[stage]
     stage_cfg = config.stages[stage]
     writer = writers.NullWriter() if writer is None else writer
+    on_step = on_step or (lambda step: None)
     steps_per_epoch = stage_steps_per_epoch(stage, config, mesh, num_train_examples)
     total_steps = stage_cfg.epochs * steps_per_epoch
     tx = state_lib.make_optimizer(stage_cfg, steps_per_epoch=steps_per_epoch)
     train_iter = _train_iterator(stage, config)
     mngr = checkpoint.stage_manager(workdir, stage, config, networks.recognizer.num_classes)
     state = _restore_or_start(
-        stage, config, workdir, mngr, train_iter, networks=networks, mesh=mesh, tx=tx,
+        stage,
+        config,
+        workdir,
+        mngr,
+        train_iter,
+        networks=networks,
+        mesh=mesh,
+        tx=tx,
         start_variables=start_variables,
-    )  # fmt: skip
+    )
     start = int(jax.device_get(state.step))
     _log_start(stage, stage_cfg, steps_per_epoch, mesh, start)
 
     hp = steps.loss_hyperparams(config, stage, steps_per_epoch=steps_per_epoch)
-    step_fn = steps.make_train_step(spec, networks, hp, tx, mesh)
+    step_fn = steps.make_train_step(STAGE_SPECS[stage], networks, hp, tx, mesh)
     collection = _collection(stage)
     progress = Progress(stage, start=start, total=total_steps, global_batch=stage_cfg.batch_size)
-    running = None
-    unchecked = []  # (step, device flag) of steps not yet checked for non-finite values.
-    if on_step is not None:
-        on_step(start)
+    running, unchecked = None, []  # metrics since the last log; steps not checked for NaN yet
+    on_step(start)
     try:
         with PreemptionWatch() as preemption:
             for step in range(start, total_steps):
@@ -335,14 +357,10 @@ def train_stage(
                     unchecked = []
                 if saving:
                     _save(mngr, done, state, train_iter)
-                if on_step is not None:
-                    on_step(done)
+                on_step(done)
                 if preempted:
                     _finish_saves(mngr)
-                    raise Preempted(
-                        f"[{stage}] Stopped at step {done} on request (SIGTERM); the checkpoint "
-                        f"is saved in {mngr.directory}. Rerun the same command to resume."
-                    )
+                    raise Preempted.at(stage, done, mngr.directory)
     finally:
         # Also on an exception: a save in flight completes, so no finished work is lost.
         _finish_saves(mngr)
@@ -465,8 +483,10 @@ def _starting_variables(first_stage: str, config, workdir: str, mesh, fresh):
     if restored is None and checkpoint.recorded_signature(workdir, first_stage) is not None:
         logging.warning(
             "[%s] %s has no readable %r checkpoint; the stage resumes its own.",
-            first_stage, workdir, previous,
-        )  # fmt: skip
+            first_stage,
+            workdir,
+            previous,
+        )
         restored = checkpoint.restore_variables(workdir, first_stage, config, mesh=mesh)
     if restored is None:
         raise checkpoint.MissingCheckpointError(

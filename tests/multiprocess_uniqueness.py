@@ -30,9 +30,11 @@ def main(coordinator, num_processes, process_id, out):
     uniq = jax.jit(
         jax.shard_map(
             lambda p: pg.uniqueness(p, axis_name="data"),
-            mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=P("data"),
         )
-    )(global_policies)  # fmt: skip
+    )(global_policies)
     uniq = multihost_utils.process_allgather(uniq, tiled=True)
     if jax.process_index() == 0:
         with open(out, "w") as f:

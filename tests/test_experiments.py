@@ -39,10 +39,22 @@ def test_every_suite_has_every_system_of_the_paper_and_m2net_plus():
         assert len(set(names)) == len(names), name
         depth = base.recognizer.depth
         expected = {
-            "baseline_r29", "baseline_r47", "baseline_r65", "mobilenet", "shufflenet_g2",
-            "shufflenet_g4", "hetconv_p2", "hetconv_p4", "blockdrop", "m2net", "remove_u",
-            "m2net_mobilenet", "m2net_shufflenet_g4", "m2net_hetconv_p4", "m2net_plus",
-        }  # fmt: skip
+            "baseline_r29",
+            "baseline_r47",
+            "baseline_r65",
+            "mobilenet",
+            "shufflenet_g2",
+            "shufflenet_g4",
+            "hetconv_p2",
+            "hetconv_p4",
+            "blockdrop",
+            "m2net",
+            "remove_u",
+            "m2net_mobilenet",
+            "m2net_shufflenet_g4",
+            "m2net_hetconv_p4",
+            "m2net_plus",
+        }
         assert expected <= set(names), name
         by_name = {s.name: s for s in systems}
         for system in systems:

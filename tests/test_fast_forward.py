@@ -55,8 +55,9 @@ def test_skipping_logits_equal_the_masked_forward(model, name):
     np.testing.assert_allclose(
         model.skipping(model.variables, model.images, policy),
         model.masked(model.variables, model.images, policy),
-        rtol=1e-5, atol=1e-5,
-    )  # fmt: skip
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_batch_of_one_path_equals_the_masked_forward_photo_by_photo(model):
@@ -83,8 +84,9 @@ def test_a_block_no_photo_keeps_is_not_computed(model):
     np.testing.assert_allclose(
         model.skipping(poisoned, model.images, policy),
         model.masked(model.variables, model.images, policy),
-        rtol=1e-5, atol=1e-5,
-    )  # fmt: skip
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def _greedy_and_sampled(k, *, seed):

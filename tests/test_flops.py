@@ -202,9 +202,13 @@ def _depthwise_taps(width):
 )
 def test_compact_backbone_flops_match_xla_cost_analysis(conv_type, geo_conditioning):
     kwargs = dict(
-        depth=29, num_classes=420, width=32, stem="small", conv_type=conv_type,
+        depth=29,
+        num_classes=420,
+        width=32,
+        stem="small",
+        conv_type=conv_type,
         geo_conditioning=geo_conditioning,
-    )  # fmt: skip
+    )
     model = models.Recognizer(**kwargs)
     images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     policy = jax.ShapeDtypeStruct((1, model.num_blocks), jnp.float32)
@@ -215,8 +219,11 @@ def test_compact_backbone_flops_match_xla_cost_analysis(conv_type, geo_condition
 
     variables = jax.eval_shape(
         lambda key, x, p, loc: model.init(key, x, p, locations=loc),
-        jax.random.key(0), images, policy, locations,
-    )  # fmt: skip
+        jax.random.key(0),
+        images,
+        policy,
+        locations,
+    )
     args = (variables, images, policy, locations)
     analytic = flops.recognizer_flops(**kwargs, image_size=32).full
     # Depthwise convs run as shifted per-channel products (models.layers.DepthwiseConv), which

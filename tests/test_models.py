@@ -523,9 +523,13 @@ def test_compact_backbone_is_a_resnet_with_structured_kernels_and_drops_blocks(c
     logits = jax.jit(model.apply)(variables, images, policy)
     for i, dropped in enumerate(dropped_per_sample):
         expected = _reference_logits(
-            variables, images, stem="small", blocks_per_stage=3, dropped=set(dropped),
+            variables,
+            images,
+            stem="small",
+            blocks_per_stage=3,
+            dropped=set(dropped),
             dense_kernels=DENSE_KERNELS[conv_type],
-        )  # fmt: skip
+        )
         np.testing.assert_allclose(logits[i], expected[i], rtol=1e-4, atol=1e-4)
 
 
@@ -576,8 +580,10 @@ def test_geo_conditioned_recognizer_needs_locations_and_starts_as_the_plain_one(
     with pytest.raises(ValueError, match="needs locations"):
         jax.eval_shape(
             functools.partial(plus.init, locations=jnp.zeros((2, 2))),
-            jax.random.key(0), images, policy,
-        )  # fmt: skip
+            jax.random.key(0),
+            images,
+            policy,
+        )
     # The embedding's last layer starts at zero: untrained, M²Net+ is the plain recognizer.
     fc2 = GeoEmbedding(16).init(jax.random.key(0), jnp.ones((1, 8)))["params"]["fc2"]
     np.testing.assert_array_equal(fc2["kernel"], 0)

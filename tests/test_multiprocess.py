@@ -41,8 +41,12 @@ def pairwise_uniqueness(policies):
 def test_uniqueness_across_processes_is_over_the_global_batch(tmp_path):
     out = tmp_path / "uniqueness.json"
     address = f"localhost:{free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": REPO,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    }
     procs = [
         subprocess.Popen(
             [
@@ -57,7 +61,7 @@ def test_uniqueness_across_processes_is_over_the_global_batch(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     for p in procs:
@@ -83,16 +87,22 @@ def test_two_processes_train_and_evaluate_like_one_with_the_same_devices(smoke_d
 
     multi = tmp_path / "two_processes"
     flags = [
-        "--config=m2net_jax/configs/r47.py:smoke", f"--workdir={multi}",
-        f"--config.data.data_dir={smoke_data_dir}", "--config.recognizer.depth=29",
+        "--config=m2net_jax/configs/r47.py:smoke",
+        f"--workdir={multi}",
+        f"--config.data.data_dir={smoke_data_dir}",
+        "--config.recognizer.depth=29",
         f"--config.stages.run={stages}",
         *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(
         [os.path.join(REPO, "launch", "local_multiprocess.sh"), "2", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
         env={**os.environ, "PYTHON": sys.executable, "PORT": str(free_port())},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
 
     single = tmp_path / "one_process"

@@ -80,9 +80,15 @@ def test_sigterm_saves_the_current_step_exits_zero_and_the_rerun_continues_there
     workdir = tmp_path / "w"
     # Saves every 5 steps by schedule; SIGTERM during step 3 is noticed after step 4.
     stopped = run_job(
-        workdir, smoke_data_dir, "--stages", "pretrain", "--save-interval", "5",
-        "--term-at", "pretrain:3",
-    )  # fmt: skip
+        workdir,
+        smoke_data_dir,
+        "--stages",
+        "pretrain",
+        "--save-interval",
+        "5",
+        "--term-at",
+        "pretrain:3",
+    )
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "PREEMPTED" in stopped.stdout and "Stopped at step 4" in stopped.stdout
     assert "SIGTERM received" in stopped.stderr
@@ -125,9 +131,10 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(
     workdir = tmp_path / "w"
     _run_stage(config, workdir)  # 8 steps; checkpoints at 6 and 8 are kept.
     files = [
-        f for f in glob.glob(str(workdir / "checkpoints/pretrain/8/state/**/*"), recursive=True)
+        f
+        for f in glob.glob(str(workdir / "checkpoints/pretrain/8/state/**/*"), recursive=True)
         if os.path.isfile(f)
-    ]  # fmt: skip
+    ]
     assert files
     for f in files:  # Truncate every file of the newest state, as a half-copied checkpoint.
         with open(f, "r+b") as handle:

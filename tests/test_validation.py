@@ -101,8 +101,9 @@ def test_batch_must_split_over_devices_and_processes():
     # 6 devices over 4 processes: a multiple of lcm(6, 4) = 12.
     errors = validation.validate_config(base.get_config(), device_count=6, process_count=4).errors
     keys = sorted(e.split("=")[0] for e in errors)
-    assert keys == ["config.eval.batch_size"] + [f"config.stages.{s}.batch_size" for s in
-                                                 ("finetune", "policy", "pretrain")]  # fmt: skip
+    assert keys == ["config.eval.batch_size"] + [
+        f"config.stages.{s}.batch_size" for s in ("finetune", "policy", "pretrain")
+    ]
     assert all("multiple of 12" in e for e in errors)
 
 

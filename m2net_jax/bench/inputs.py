@@ -16,9 +16,13 @@ from m2net_jax.models import PolicyNetwork, Recognizer
 
 
 def random_variables(
-    module, *args, seed: int = 0, kernel_gain: float = 2.0, random_bn: bool = False,
+    module,
+    *args,
+    seed: int = 0,
+    kernel_gain: float = 2.0,
+    random_bn: bool = False,
     bias_std: float = 0.1,
-):  # fmt: skip
+):
     """Random variables of `module` without compiling its init (which costs tens of seconds for
     a ResNet on 2 cores; drawing `jax.eval_shape`'s shapes with numpy costs none).
 

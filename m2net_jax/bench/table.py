@@ -70,8 +70,13 @@ def _frozen_lines(r) -> list[str]:
 
 def _eval_lines(r) -> list[str]:
     lines = [f"evaluation (batch {r['batch']}; half policy Pr={r['pr']:.2f}):"]
-    for name in ("predict_step", "masked_diverse", "skipping_diverse", "masked_uniform",
-                 "skipping_uniform"):  # fmt: skip
+    for name in (
+        "predict_step",
+        "masked_diverse",
+        "skipping_diverse",
+        "masked_uniform",
+        "skipping_uniform",
+    ):
         lines.append(f"  {name:<24} {r[name]['images_per_s']:>9.1f} images/s")
     return lines
 

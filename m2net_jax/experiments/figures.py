@@ -34,13 +34,21 @@ def plot_accuracy_vs_flops(systems, results, scale, unit, path) -> None:
         colour = colour or POLICY_SYSTEMS[system.kind][3]
         flops, accuracy = result["flops_mean"] / scale, 100 * result["accuracy"]
         ax.errorbar(
-            flops, accuracy, xerr=result["flops_std"] / scale,
-            fmt=marker, color=colour, capsize=3, markersize=7,
-        )  # fmt: skip
+            flops,
+            accuracy,
+            xerr=result["flops_std"] / scale,
+            fmt=marker,
+            color=colour,
+            capsize=3,
+            markersize=7,
+        )
         ax.annotate(
-            system.label.split(" (")[0], (flops, accuracy),
-            textcoords="offset points", xytext=(4, 4), fontsize=7,
-        )  # fmt: skip
+            system.label.split(" (")[0],
+            (flops, accuracy),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=7,
+        )
     ax.set_xlabel(f"{unit} per photo (mean ± std over the test split)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Fig. 9: accuracy against computation")
@@ -52,11 +60,19 @@ def plot_sweep(rows, results, configs, report_dir) -> None:
     """Figs. 7 and 10: diversity and accuracy against Pr, one line per policy system, a point
     per penalty λ. `rows`: the sweep's finished systems; `configs`: system name → config."""
     for key, ylabel, title, filename in (
-        ("diversity", "policy diversity (distinct policies)", "Fig. 7: policy diversity",
-         "fig7_diversity_vs_pr.png"),
-        ("accuracy", "test accuracy (%)", "Fig. 10: accuracy against Pr",
-         "fig10_accuracy_vs_pr.png"),
-    ):  # fmt: skip
+        (
+            "diversity",
+            "policy diversity (distinct policies)",
+            "Fig. 7: policy diversity",
+            "fig7_diversity_vs_pr.png",
+        ),
+        (
+            "accuracy",
+            "test accuracy (%)",
+            "Fig. 10: accuracy against Pr",
+            "fig10_accuracy_vs_pr.png",
+        ),
+    ):
         fig = Figure(figsize=(6, 4.5), layout="constrained")
         ax = fig.add_subplot()
         for kind, (_, name, _, colour) in POLICY_SYSTEMS.items():
@@ -76,8 +92,13 @@ def plot_sweep(rows, results, configs, report_dir) -> None:
             ax.plot(pr, values, "o-", color=colour, label=name)
             for point_pr, value, (_, _, system) in zip(pr, values, points, strict=True):
                 penalty = configs[system.name].stages.finetune.penalty
-                ax.annotate(f"λ={penalty:g}", (point_pr, value), textcoords="offset points",
-                            xytext=(3, 3), fontsize=7)  # fmt: skip
+                ax.annotate(
+                    f"λ={penalty:g}",
+                    (point_pr, value),
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                    fontsize=7,
+                )
         ax.set_xlabel("Pr (fraction of blocks run)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -113,8 +134,9 @@ def plot_compatibility(pairs, scale, unit, path) -> None:
 def plot_paths(panels, path) -> None:
     """Fig. 5, one column per panel: the photos (left) and the blocks their policy runs (dark =
     run). `panels`: (title, batch with 'image' and 'names', paths (E, N) bool or None)."""
-    fig = Figure(figsize=(4.2 * max(1, len(panels)), 0.5 + 0.45 * _max_rows(panels)),
-                 layout="constrained")  # fmt: skip
+    fig = Figure(
+        figsize=(4.2 * max(1, len(panels)), 0.5 + 0.45 * _max_rows(panels)), layout="constrained"
+    )
     if not panels:
         fig.text(0.5, 0.5, "No archetype/city features in this dataset.", ha="center")
     grid = fig.add_gridspec(1, 2 * max(1, len(panels)), width_ratios=[1, 4] * max(1, len(panels)))
@@ -122,13 +144,22 @@ def plot_paths(panels, path) -> None:
         photos = fig.add_subplot(grid[0, 2 * column])
         blocks = fig.add_subplot(grid[0, 2 * column + 1])
         rows = len(batch["names"])
-        photos.imshow(np.concatenate(list(batch["image"]), axis=0), extent=(0, 1, rows - 0.5, -0.5),
-                      aspect="auto")  # fmt: skip
+        photos.imshow(
+            np.concatenate(list(batch["image"]), axis=0),
+            extent=(0, 1, rows - 0.5, -0.5),
+            aspect="auto",
+        )
         photos.set_xticks([])
         photos.set_yticks(range(rows), batch["names"], fontsize=7)
         if paths is None:
-            blocks.text(0.5, 0.5, "no trained policy\n(0 policy epochs)", ha="center",
-                        va="center", transform=blocks.transAxes)  # fmt: skip
+            blocks.text(
+                0.5,
+                0.5,
+                "no trained policy\n(0 policy epochs)",
+                ha="center",
+                va="center",
+                transform=blocks.transAxes,
+            )
             blocks.set_xticks([])
             blocks.set_yticks([])
         else:

@@ -173,9 +173,19 @@ def _preamble(inputs: _Inputs, base_config, config_name: str) -> list[str]:
 
 def _table_header(unit: str) -> list[str]:
     return [
-        "System", "Recognizer", "Policy input", "Reward", "λ (finetune)", "Accuracy", "Pr",
-        "Blocks", "Diversity", f"{unit} / photo", f"{unit}, all blocks", "Minutes",
-    ]  # fmt: skip
+        "System",
+        "Recognizer",
+        "Policy input",
+        "Reward",
+        "λ (finetune)",
+        "Accuracy",
+        "Pr",
+        "Blocks",
+        "Diversity",
+        f"{unit} / photo",
+        f"{unit}, all blocks",
+        "Minutes",
+    ]
 
 
 def _system_cells(inputs: _Inputs, system: System) -> list[str] | None:
@@ -213,9 +223,12 @@ def _table3_section(inputs: _Inputs) -> list[str]:
     )
     lines += ["", "![Fig. 9](fig9_accuracy_vs_flops.png)", ""]
     figures.plot_accuracy_vs_flops(
-        main, inputs.results, inputs.scale, inputs.unit,
+        main,
+        inputs.results,
+        inputs.scale,
+        inputs.unit,
         os.path.join(inputs.report_dir, "fig9_accuracy_vs_flops.png"),
-    )  # fmt: skip
+    )
     return lines
 
 
@@ -247,9 +260,13 @@ def _compatibility_section(inputs: _Inputs) -> list[str]:
     scale, unit = inputs.scale, inputs.unit
     lines = ["## Fig. 11: compatibility — M²Net on compact backbones", ""]
     header = [
-        "Backbone", "Accuracy before", "Accuracy after", f"{unit} before", f"{unit} after",
+        "Backbone",
+        "Accuracy before",
+        "Accuracy after",
+        f"{unit} before",
+        f"{unit} after",
         "FLOPs change",
-    ]  # fmt: skip
+    ]
     rows, pairs = [], []
     for system in inputs.systems:
         if system.group != "compatibility":

@@ -168,9 +168,13 @@ def run_suite(
             if system.name in selected:
                 run_system(suite, system, workdir, base_config=base_config, systems_by_name=by_name)
     return write_report(
-        suite, systems, workdir, base_config=base_config, config_name=config_name,
+        suite,
+        systems,
+        workdir,
+        base_config=base_config,
+        config_name=config_name,
         report_dir=report_dir,
-    )  # fmt: skip
+    )
 
 
 def _with_sources(only: Sequence[str], by_name: Mapping[str, System]) -> set[str]:
