@@ -4,6 +4,7 @@ one through train.py's real step (no timings are checked)."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,3 +68,29 @@ def bench_mesh():
     from m2net_jax import steps
 
     return steps.make_mesh(jax.devices()[:2])  # Two devices: the shard_map split is exercised.
+
+
+def test_pipeline_part_times_each_worker_count_and_the_in_memory_source(smoke_data_dir):
+    results = bench.run("smoke", parts=("pipeline",), data_dir=smoke_data_dir)
+    rows = results["pipeline"]["rows"]
+    assert [(row["source"], row["worker_count"]) for row in rows] == [
+        ("disk", 0),
+        ("disk", 1),
+        ("memory", 0),
+    ]
+    assert all(row["images_per_s"] > 0 for row in rows)
+    table = bench.format_table(results)
+    assert "1 worker" in table and "memory" in table and "in-process" in table
+
+
+def test_a_warm_compile_is_served_from_the_persistent_cache():
+    # The test session's persistent cache is on (conftest); a program new to it.
+    x = jnp.arange(24.0).reshape(4, 6)
+
+    def program():
+        return jax.jit(lambda a: jnp.tanh(a) @ a.T + 7.25).lower(x).compile()
+
+    compiled, times = bench.compile_cold_and_warm(program)
+    assert times["warm_cache_hits"] >= 1
+    assert times["cold_s"] > 0 and times["warm_s"] > 0
+    np.testing.assert_allclose(compiled(x), np.tanh(x) @ np.asarray(x).T + 7.25, rtol=1e-5)

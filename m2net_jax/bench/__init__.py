@@ -14,7 +14,8 @@ Parts (`--parts`, default all), one module each:
 - train (`train_steps.py`): images/s of one optimizer step per stage (the jitted, sharded steps
   of `m2net_jax.steps`, with `configs/base.py`'s optimizers and penalties); the policy stage's
   step with two plain frozen forwards ("naive") and with `fast_forward.frozen_logits`
-  ("shared"), at several curriculum stages k, with their losses.
+  ("shared"), at several curriculum stages k, with their losses; and each step's compile time
+  cold (an empty persistent compilation cache) and warm (a rerun that finds it there).
 - frozen, eval, latency (`forward.py`): the policy stage's frozen recognizer alone, naive vs
   shared; evaluation's predict step and masked vs block-skipping batched forwards; batch-1
   latency of the full ResNet vs M²Net with a fixed half policy, with the FLOPs-predicted speedup.
@@ -22,8 +23,8 @@ Parts (`--parts`, default all), one module each:
   definition, time and XLA's memory estimate.
 - convs (`convs.py`): forward + backward time of the compact backbones' convolutions (§4.4) vs
   `nn.Conv` with `feature_group_count` and vs the dense conv each replaces.
-- pipeline (`pipeline.py`): images/s of the grain training pipeline vs what the training steps
-  consume.
+- pipeline (`pipeline.py`): images/s of the grain training pipeline, from disk in-process and
+  with worker processes, and from memory, vs what the training steps consume.
 
 The suites' sizes and the config they stand for are in `suites.py` (networks are
 `state.create_networks` of `configs/base.py` at the suite's sizes), random variables and batches
@@ -41,7 +42,7 @@ from m2net_jax.bench.pipeline import bench_pipeline
 from m2net_jax.bench.runner import PARTS, device_info, run
 from m2net_jax.bench.suites import SUITES, Suite, models_for, suite_config
 from m2net_jax.bench.table import format_table
-from m2net_jax.bench.train_steps import TrainBench, bench_train
+from m2net_jax.bench.train_steps import TrainBench, bench_train, compile_cold_and_warm
 from m2net_jax.bench.uniqueness import bench_uniqueness, pairwise_uniqueness
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "bench_pipeline",
     "bench_train",
     "bench_uniqueness",
+    "compile_cold_and_warm",
     "both_variables",
     "device_info",
     "format_table",

@@ -35,6 +35,7 @@ class Suite:
       uniqueness_blocks: N for Eqn 2 (21: ResNet-65).
       dataset: the TFDS dataset of the input-pipeline part.
       pipeline_batches: batches timed there.
+      pipeline_workers: the grain worker-process counts timed there (besides in-process).
     """
 
     depth: int
@@ -55,6 +56,7 @@ class Suite:
     uniqueness_blocks: int
     dataset: str
     pipeline_batches: int
+    pipeline_workers: tuple[int, ...]
 
 
 SUITES = {
@@ -78,6 +80,7 @@ SUITES = {
         uniqueness_blocks=21,
         dataset="geo_twins/smoke",
         pipeline_batches=2,
+        pipeline_workers=(1,),
     ),
     # A 2-core CPU in under 10 minutes: the architecture of m2net_jax/configs/r47.py:geo_twins
     # (ResNet-47, width 64, 32 px, small stems) at a CPU-sized batch.
@@ -100,6 +103,7 @@ SUITES = {
         uniqueness_blocks=21,
         dataset="geo_twins",
         pipeline_batches=20,
+        pipeline_workers=(1, 4),
     ),
     # An accelerator: the paper's ResNet-47 at 224 px (policy at 112 px, ImageNet stems).
     "full": Suite(
@@ -121,6 +125,7 @@ SUITES = {
         uniqueness_blocks=21,
         dataset="geo_twins/224px",
         pipeline_batches=20,
+        pipeline_workers=(1, 4, 16),
     ),
 }
 

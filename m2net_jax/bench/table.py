@@ -34,8 +34,12 @@ def _train_lines(r) -> list[str]:
     lines.append(f"  {'step':<24} {'s/step':>8} {'images/s':>9}")
     for name, s in r["steps"].items():
         lines.append(f"  {name:<24} {s['step_s']:>8.3f} {s['images_per_s']:>9.1f}")
-    compiles = ", ".join(f"{name} {s:.1f}" for name, s in r["compile_s"].items())
-    lines.append(f"  first call (trace + compile + run), s: {compiles}")
+    compiles = ", ".join(
+        f"{name} {c['cold_s']:.1f} / {c['warm_s']:.1f}"
+        + ("" if c["warm_cache_hits"] else " (cache off)")
+        for name, c in r["compile_s"].items()
+    )
+    lines.append(f"  compile, s (cold / warm from the persistent cache): {compiles}")
     lines.append("  policy step, shared vs naive (make_train_step(frozen_logits=...)):")
     for p in r["policy_shared_vs_naive"].values():
         same = (
@@ -132,11 +136,17 @@ def _convs_lines(r) -> list[str]:
 
 
 def _pipeline_lines(r) -> list[str]:
-    headroom = "" if r["headroom"] is None else f" ({r['headroom']:.1f}x the fastest step)"
-    return [
-        f"input pipeline ({r['dataset']}, batch {r['batch']}, in-process): "
-        f"{r['images_per_s']:.0f} images/s{headroom}"
-    ]
+    lines = [f"input pipeline ({r['dataset']}, batch {r['batch']}), images/s:"]
+    for row in r["rows"]:
+        n = row["worker_count"]
+        where = "in-process" if n == 0 else f"{n} worker" + ("s" if n > 1 else "")
+        lines.append(f"  {row['source']:<7} {where:<12} {row['images_per_s']:>9.0f}")
+    if r["headroom"] is not None:
+        lines.append(
+            f"  fastest train step: {r['model_images_per_s']:.1f} images/s "
+            f"(best pipeline row {r['headroom']:.1f}x that)"
+        )
+    return lines
 
 
 # In the order the parts run (`runner.PARTS`).

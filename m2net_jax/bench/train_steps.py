@@ -8,6 +8,7 @@ curriculum stages k, with their losses.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -85,13 +86,47 @@ class TrainBench:
         """The compiled step of 'pretrain' or 'finetune'."""
         return self._compiled(stage)
 
-    def policy_steps(self) -> dict[str, Any]:
-        """The policy stage's compiled step with two plain frozen forwards ('naive') and with
+    def policy_step(self, variant: str):
+        """The policy stage's compiled step with two plain frozen forwards ('naive') or with
         `fast_forward.frozen_logits` ('shared')."""
-        return {
-            "naive": self._compiled("policy", frozen_logits=fast_forward.naive_frozen_logits),
-            "shared": self._compiled("policy", frozen_logits=fast_forward.frozen_logits),
-        }
+        frozen = {"naive": fast_forward.naive_frozen_logits, "shared": fast_forward.frozen_logits}
+        return self._compiled("policy", frozen_logits=frozen[variant])
+
+    def policy_steps(self) -> dict[str, Any]:
+        """`policy_step` of both variants, by name."""
+        return {variant: self.policy_step(variant) for variant in ("naive", "shared")}
+
+
+_CACHE_HITS = []  # One entry per persistent-compilation-cache hit in this process.
+_LISTENING = []  # `_count_cache_hits`, once it is registered with jax.monitoring.
+
+
+def _count_cache_hits(event: str, **kwargs) -> None:
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS.append(event)
+
+
+def compile_cold_and_warm(compile_fn) -> tuple[Any, dict[str, float]]:
+    """Compiles twice: as a fresh process does, then again after `jax.clear_caches()`.
+
+    The second compile is what a rerun, a resumed job or an evaluation pays when JAX's
+    persistent compilation cache is on (`m2net_jax.steps.configure_compilation_cache`; the
+    bench's `__main__` points it at an empty directory): `warm_cache_hits` > 0 says the program
+    came from there. Returns the first compiled program and {cold_s, warm_s, warm_cache_hits}.
+    """
+    if _count_cache_hits not in _LISTENING:
+        jax.monitoring.register_event_listener(_count_cache_hits)
+        _LISTENING.append(_count_cache_hits)
+    start = time.perf_counter()
+    compiled = compile_fn()
+    cold = time.perf_counter() - start
+    jax.clear_caches()
+    hits = len(_CACHE_HITS)
+    start = time.perf_counter()
+    compile_fn()
+    warm = time.perf_counter() - start
+    return compiled, {"cold_s": cold, "warm_s": warm, "warm_cache_hits": len(_CACHE_HITS) - hits}
 
 
 def bench_train(suite: Suite) -> dict[str, Any]:
@@ -100,13 +135,12 @@ def bench_train(suite: Suite) -> dict[str, Any]:
     n = tb.num_blocks
     runners, compile_s = {}, {}
     for stage in ("pretrain", "finetune"):
-        start = time.perf_counter()
-        step_fn = tb.step(stage)
-        compile_s[stage] = time.perf_counter() - start
+        step_fn, compile_s[stage] = compile_cold_and_warm(functools.partial(tb.step, stage))
         runners[stage] = StepRunner(step_fn, tb.state_at(stage, n), tb.batch)
-    start = time.perf_counter()
-    policy_steps = tb.policy_steps()
-    compile_s["policy_naive+shared"] = time.perf_counter() - start
+    policy_steps = {}
+    for variant in ("naive", "shared"):
+        compile_fn = functools.partial(tb.policy_step, variant)
+        policy_steps[variant], compile_s[f"policy_{variant}"] = compile_cold_and_warm(compile_fn)
     ks = sorted({n if k == 0 else min(k, n) for k in suite.curriculum})
     for variant, step_fn in policy_steps.items():
         for k in ks:
