@@ -114,7 +114,7 @@ def validate_config(
     run = _check_run(c)
     batch_multiple = math.lcm(device_count, process_count)
     for stage in STAGES:
-        _check_stage(c, stage, stage in run, num_train_examples, batch_multiple)
+        _check_stage(c, stage, num_train_examples, batch_multiple)
     if config.mode == "train" and "policy" in run:
         _check_curriculum(c, strict=strict_curriculum)
 
@@ -234,10 +234,10 @@ def _check_run(c: "_Checker") -> tuple[str, ...]:
 
 
 def _check_stage(
-    c: "_Checker", stage: str, runs: bool, num_train_examples: int | None, batch_multiple: int
+    c: "_Checker", stage: str, num_train_examples: int | None, batch_multiple: int
 ) -> None:
     key = f"stages.{stage}"
-    del runs  # A stage of 0 epochs trains nothing and passes its start on (plumbing suites).
+    # A stage of 0 epochs trains nothing and passes its start on (plumbing suites).
     epochs = c.integer(f"{key}.epochs", low=0)
     _check_batch(c, f"{key}.batch_size", num_train_examples, batch_multiple)
     c.choice(f"{key}.optimizer", OPTIMIZERS)

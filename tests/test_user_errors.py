@@ -101,11 +101,16 @@ def _run_absl_main(body: str) -> subprocess.CompletedProcess:
         app.run(main)
         """
     ).format(body=textwrap.indent(textwrap.dedent(body), "    "))
+    return _run_python("-c", script)
+
+
+def _run_python(*args: str) -> subprocess.CompletedProcess:
+    """This interpreter on `args`, with the checkout importable; output captured."""
     return subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": REPO},
         check=False,
     )
@@ -134,14 +139,7 @@ def test_absl_main_with_an_internal_error_keeps_its_traceback():
 
 
 def _run_main(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "m2net_jax.main", *flags],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": REPO},
-        check=False,
-    )
+    return _run_python("-m", "m2net_jax.main", *flags)
 
 
 @pytest.mark.parametrize(

@@ -98,13 +98,18 @@ class TrainBench:
 
 
 _CACHE_HITS = []  # One entry per persistent-compilation-cache hit in this process.
-_LISTENING = []  # `_count_cache_hits`, once it is registered with jax.monitoring.
 
 
 def _count_cache_hits(event: str, **kwargs) -> None:
     del kwargs
     if event == "/jax/compilation_cache/cache_hits":
         _CACHE_HITS.append(event)
+
+
+@functools.cache
+def _listen_for_cache_hits() -> None:
+    """Registers `_count_cache_hits` with jax.monitoring, once per process."""
+    jax.monitoring.register_event_listener(_count_cache_hits)
 
 
 def compile_cold_and_warm(compile_fn) -> tuple[Any, dict[str, float]]:
@@ -115,9 +120,7 @@ def compile_cold_and_warm(compile_fn) -> tuple[Any, dict[str, float]]:
     bench's `__main__` points it at an empty directory): `warm_cache_hits` > 0 says the program
     came from there. Returns the first compiled program and {cold_s, warm_s, warm_cache_hits}.
     """
-    if _count_cache_hits not in _LISTENING:
-        jax.monitoring.register_event_listener(_count_cache_hits)
-        _LISTENING.append(_count_cache_hits)
+    _listen_for_cache_hits()
     start = time.perf_counter()
     compiled = compile_fn()
     cold = time.perf_counter() - start

@@ -227,9 +227,7 @@ class CheckedSource:
         try:
             return self._source[index]
         except (RuntimeError, OSError, ValueError) as error:
-            reason = (
-                str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            )
+            reason = (str(error).strip() or type(error).__name__).splitlines()[0]
             raise DamagedDatasetError(
                 f"Example {index} of {self._dataset} ({self._split} split, in {self._path}) "
                 f"cannot be read: {reason}. The dataset's files are damaged; rebuild it with: "
