@@ -52,6 +52,7 @@ setuptools.setup(
         "test": [
             *TF,
             "pytest>=8.0,<10",
+            "pytest-xdist>=3.5,<4",  # README's test command spreads the tests over the cores
             "ruff>=0.17,<0.18",  # `ruff format` output changes between minor releases
             "nbclient>=0.10,<1",
             "nbformat>=5.10,<6",
