@@ -53,6 +53,7 @@ def evaluate_variables(
     networks: Networks,
     mesh,
     stage: str,
+    step: int | None = None,
     predict_fn: Callable | None = None,
 ) -> dict[str, float]:
     """Evaluates `variables` on the config's eval split with the stage's policy.
@@ -61,6 +62,9 @@ def evaluate_variables(
       variables: {'params', 'batch_stats'} of (at least) the stage's networks.
       predict_fn: (variables, batch) -> {'correct', 'policy', ...}; default: the jitted
         `steps.predict_step` of `networks` on `mesh`.
+      step: the stage's step the variables are from. A policy-stage step whose curriculum k was
+        below N is evaluated as trained: the blocks before the last k run (`decided_blocks`).
+        None: the policy decides every block.
 
     Returns:
       A dict with `results.RESULT_KEYS` (plus FLOPs split into recognizer and policy network,
@@ -69,8 +73,17 @@ def evaluate_variables(
     use_policy = STAGE_SPECS[stage].uses_policy
     global_batch = config.eval.batch_size
     steps.check_batch(global_batch, mesh, "config.eval.batch_size")
+    info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
     if predict_fn is None:
-        predict_fn = steps.make_predict_step(networks, mesh, use_policy=use_policy)
+        decided = None
+        if step is not None:
+            n, train_size = networks.recognizer.num_blocks, info.num_examples["train"]
+            decided = decided_blocks(
+                config, stage, step, num_blocks=n, num_train_examples=train_size
+            )
+        predict_fn = steps.make_predict_step(
+            networks, mesh, use_policy=use_policy, decided_blocks=decided
+        )
     batches = pipeline.make_eval_iterator(
         config.data.dataset,
         data_dir=config.data.data_dir,
@@ -89,13 +102,29 @@ def evaluate_variables(
         use_policy=use_policy,
     )
     if "prediction" in outputs:  # Twin landmarks (geo_twins): does the path tell them apart?
-        info = pipeline.dataset_info(config.data.dataset, data_dir=config.data.data_dir)
         metrics.update(
             mechanism.mechanism_metrics(
                 outputs["prediction"], outputs["label"], policies, info.class_names
             )
         )
     return metrics
+
+
+def decided_blocks(
+    config, stage: str, step: int, *, num_blocks: int, num_train_examples: int
+) -> int | None:
+    """The curriculum's k at the last of `step` steps of `stage`, where it is below N.
+
+    Only the policy stage has a curriculum (pretrain runs every block, finetune lets the policy
+    decide all N): there, the blocks before the last k were forced on during training, and the
+    evaluation of that step forces them on too. None when the policy decides every block.
+    """
+    if stage != "policy":
+        return None
+    steps_per_epoch = num_train_examples // config.stages.policy.batch_size
+    steps_per_k = pg.curriculum_steps(config.sampling.curriculum_epochs, steps_per_epoch)
+    k = int(pg.curriculum_k(max(step - 1, 0), num_blocks=num_blocks, steps_per_k=steps_per_k))
+    return k if k < num_blocks else None
 
 
 def summarize(correct, policies, *, image_size: int, networks: Networks, use_policy: bool):
@@ -148,7 +177,12 @@ def evaluate_workdir(config, workdir: str) -> dict[str, Any]:
             continue
         logging.info("[%s] Evaluating the checkpoint at step %d.", stage, restored.step)
         evaluated[stage] = evaluate_variables(
-            restored.variables, config, networks=restored.networks, mesh=mesh, stage=stage
+            restored.variables,
+            config,
+            networks=restored.networks,
+            mesh=mesh,
+            stage=stage,
+            step=restored.step,
         )
         evaluated[stage]["step"] = restored.step
     if not evaluated:

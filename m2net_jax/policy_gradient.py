@@ -14,6 +14,8 @@ keyword-only. Functions that need the whole global batch (`uniqueness`, `self_cr
 take an optional ``axis_name`` and, inside `jax.shard_map`, reduce only O(N) numbers across it.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,23 +67,41 @@ def greedy_policy(probs: jax.Array) -> jax.Array:
     return (probs >= 0.5).astype(jnp.float32)
 
 
-def curriculum_k(epoch, *, num_blocks: int, curriculum_epochs: int) -> jax.Array:
-    """Number of blocks the policy decides in `epoch`: ``k = min(N, 1 + epoch // E)``.
+def curriculum_steps(curriculum_epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps per curriculum step: ``max(1, floor(E · steps_per_epoch))``.
 
-    BlockDrop's curriculum: the policy first learns to drop only the last block, and every E
-    epochs one more block (counted from the end) is handed to it.
+    BlockDrop hands the policy one more block every E epochs; E may be a fraction of an epoch
+    (a short stage must still open all N blocks), and a curriculum step is never under one step.
+    Rounding down keeps the promise of `validation`: a stage of at least N · E epochs ends with
+    at least E epochs at k = N.
 
     Args:
-      epoch: 0-based epoch of the policy stage; Python int or (traced) integer array.
+      curriculum_epochs: E > 0 (`config.sampling.curriculum_epochs`).
+      steps_per_epoch: the policy stage's optimizer steps per epoch.
+    """
+    if not curriculum_epochs > 0:
+        raise ValueError(f"curriculum_epochs must be positive, got {curriculum_epochs}.")
+    return max(1, math.floor(curriculum_epochs * steps_per_epoch))
+
+
+def curriculum_k(step, *, num_blocks: int, steps_per_k: int) -> jax.Array:
+    """Number of blocks the policy decides at `step`: ``k = min(N, 1 + step // steps_per_k)``.
+
+    BlockDrop's curriculum: the policy first learns to drop only the last block, and every
+    `steps_per_k` steps (E epochs, `curriculum_steps`) one more block, counted from the end, is
+    handed to it.
+
+    Args:
+      step: 0-based step of the policy stage; Python int or (traced) integer array.
       num_blocks: N, the number of droppable blocks.
-      curriculum_epochs: E ≥ 1, epochs per curriculum step.
+      steps_per_k: ≥ 1, optimizer steps per curriculum step.
 
     Returns:
       Scalar int32 array k in [1, N].
     """
-    if curriculum_epochs < 1:
-        raise ValueError(f"curriculum_epochs must be at least 1, got {curriculum_epochs}.")
-    return jnp.minimum(num_blocks, 1 + jnp.asarray(epoch, jnp.int32) // curriculum_epochs)
+    if steps_per_k < 1:
+        raise ValueError(f"steps_per_k must be at least 1, got {steps_per_k}.")
+    return jnp.minimum(num_blocks, 1 + jnp.asarray(step, jnp.int32) // steps_per_k)
 
 
 def curriculum_mask(num_blocks: int, k) -> jax.Array:

@@ -2,14 +2,16 @@
 and the optimizers.
 
 BlockDrop's schedule, which M²Net follows, has three stages (paper §4.1.3): *pretrain* trains
-the recognizer alone, *policy* trains the policy network against the frozen recognizer, and
+the recognizer (and, beside it, the image classifier whose ResNet-10 the policy network's image
+branch starts from), *policy* trains the policy network against the frozen recognizer, and
 *finetune* trains both. A stage is data (`StageSpec`): which networks it runs and which of them
 the optimizer updates. Frozen networks are frozen by construction: their parameters are never
 passed to the optimizer.
 
-Variables are one tree for both networks, ``{'params': {'recognizer': ..., 'policy': ...},
-'batch_stats': {...}}``; `network_variables` cuts out one network's ``{'params', 'batch_stats'}``
-for `Module.apply`.
+Variables are one tree for all networks, ``{'params': {'recognizer': ..., 'policy': ...,
+'image_classifier': ...}, 'batch_stats': {...}}`` (the image classifier only with
+`config.policy.image_init='pretrained'`); `network_variables` cuts out one network's
+``{'params', 'batch_stats'}`` for `Module.apply`.
 
 This module needs only jax, flax, optax and the models: no data stack, no checkpointing.
 """
@@ -26,7 +28,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m2net_jax.models import PolicyNetwork, Recognizer
+from m2net_jax.models import (
+    ImageClassifier,
+    PolicyNetwork,
+    Recognizer,
+    with_trained_image_branch,
+)
 
 AXIS = "data"  # The one mesh axis: data parallelism over every device of every process.
 STAGES = ("pretrain", "policy", "finetune")
@@ -38,7 +45,9 @@ class StageSpec:
     """What distinguishes one stage of the schedule from another."""
 
     name: str
-    networks: tuple[str, ...]  # Which networks ('recognizer', 'policy') the stage runs.
+    # Which networks ('recognizer', 'policy', 'image_classifier') the stage runs; one the job
+    # does not have (the image classifier with `policy.image_init='random'`) is left out.
+    networks: tuple[str, ...]
     trains: tuple[str, ...]  # Which of them the optimizer updates.
 
     @property
@@ -48,7 +57,11 @@ class StageSpec:
 
 
 STAGE_SPECS = {
-    "pretrain": StageSpec("pretrain", networks=("recognizer",), trains=("recognizer",)),
+    "pretrain": StageSpec(
+        "pretrain",
+        networks=("recognizer", "image_classifier"),
+        trains=("recognizer", "image_classifier"),
+    ),
     "policy": StageSpec("policy", networks=("recognizer", "policy"), trains=("policy",)),
     "finetune": StageSpec(
         "finetune", networks=("recognizer", "policy"), trains=("recognizer", "policy")
@@ -72,6 +85,7 @@ def parse_stages(run: str) -> tuple[str, ...]:
 # The networks and their variables.
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+IMAGE_INITS = ("pretrained", "random")  # config.policy.image_init
 
 
 def compute_dtype(name: str, backend: str | None = None):
@@ -94,10 +108,15 @@ def compute_dtype(name: str, backend: str | None = None):
 
 @flax.struct.dataclass
 class Networks:
-    """The two networks of M²Net as module definitions (static: no parameters)."""
+    """The networks of M²Net as module definitions (static: no parameters).
+
+    `image_classifier` is the policy's ResNet-10 trained as a classifier during pretraining
+    (`config.policy.image_init='pretrained'`), else None.
+    """
 
     recognizer: Recognizer = flax.struct.field(pytree_node=False)
     policy: PolicyNetwork = flax.struct.field(pytree_node=False)
+    image_classifier: ImageClassifier | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def create_networks(config, num_classes: int) -> Networks:
@@ -131,11 +150,25 @@ def create_networks(config, num_classes: int) -> Networks:
         dtype=dtype,
         axis_name=AXIS,
     )
-    return Networks(recognizer=recognizer, policy=policy)
+    image_classifier = None
+    if config.policy.image_init == "pretrained":
+        image_classifier = ImageClassifier(
+            num_classes=num_classes,
+            width=config.policy.width,
+            stem=config.policy.stem,
+            dtype=dtype,
+            axis_name=AXIS,
+        )
+    elif config.policy.image_init != "random":
+        raise ValueError(
+            f"config.policy.image_init={config.policy.image_init!r}; use one of {IMAGE_INITS}."
+        )
+    return Networks(recognizer=recognizer, policy=policy, image_classifier=image_classifier)
 
 
 def init_variables(networks: Networks, key: jax.Array, image_size: int) -> dict[str, Any]:
-    """Initial ``{'params', 'batch_stats'}`` of both networks, each ``{'recognizer', 'policy'}``.
+    """Initial ``{'params', 'batch_stats'}`` of the networks, each ``{'recognizer', 'policy'}``
+    (and ``'image_classifier'`` when `networks` has one).
 
     Each network's initial values depend only on `key` and its own definition, so a policy
     network initialised next to another recognizer is the same. Runs outside shard_map, on
@@ -155,7 +188,13 @@ def _init_variables(networks: Networks, key: jax.Array, image_size: int) -> dict
     all_on = jnp.ones((1, rec.num_blocks))
     v_rec = rec.init(k_rec, images, all_on, train=False, **location_kwargs(rec, locations))
     v_pol = pol.init(k_pol, policy_images, locations, train=False)
-    return {c: {"recognizer": v_rec[c], "policy": v_pol[c]} for c in COLLECTIONS}
+    out = {c: {"recognizer": v_rec[c], "policy": v_pol[c]} for c in COLLECTIONS}
+    if networks.image_classifier is not None:
+        classifier = networks.image_classifier.clone(axis_name=None)
+        v_cls = classifier.init(jax.random.fold_in(key, 2), policy_images, train=False)
+        for c in COLLECTIONS:
+            out[c]["image_classifier"] = v_cls[c]
+    return out
 
 
 def location_kwargs(recognizer: Recognizer, locations) -> dict[str, Any]:
@@ -169,14 +208,26 @@ def network_variables(variables: Mapping[str, Any], network: str) -> dict[str, A
 
 
 def select_networks(variables: Mapping[str, Any], networks) -> dict[str, Any]:
-    """The two-network tree restricted to `networks` (names)."""
-    return {c: {n: variables[c][n] for n in networks} for c in COLLECTIONS}
+    """The networks' tree restricted to `networks` (names; those it does not hold are skipped)."""
+    return {c: {n: variables[c][n] for n in networks if n in variables[c]} for c in COLLECTIONS}
 
 
 def complete_variables(variables: Mapping[str, Any], fresh: Mapping[str, Any]) -> dict[str, Any]:
     """`variables` with the networks it lacks taken from `fresh` (e.g. a new policy network
-    next to a pretrained recognizer)."""
-    return {c: {**fresh[c], **variables[c]} for c in COLLECTIONS}
+    next to a pretrained recognizer).
+
+    A new policy network next to a trained image classifier (the pretrain stage's, with
+    `config.policy.image_init='pretrained'`) starts its image branch from that classifier
+    (`models.with_trained_image_branch`).
+    """
+    out = {c: {**fresh[c], **variables[c]} for c in COLLECTIONS}
+    if "policy" not in variables["params"] and "image_classifier" in variables["params"]:
+        policy = with_trained_image_branch(
+            network_variables(out, "policy"), network_variables(variables, "image_classifier")
+        )
+        for c in COLLECTIONS:
+            out[c]["policy"] = policy[c]
+    return out
 
 
 def model_signature(config, num_classes: int, spec: StageSpec) -> dict[str, Any]:
@@ -188,6 +239,10 @@ def model_signature(config, num_classes: int, spec: StageSpec) -> dict[str, Any]
     }
     if spec.uses_policy:
         sig.update({f"policy.{k}": config.policy[k] for k in ("use_geo", "width", "stem")})
+    if "image_classifier" in spec.networks:
+        sig["policy.image_init"] = config.policy.image_init
+        if config.policy.image_init == "pretrained":
+            sig.update({f"policy.{k}": config.policy[k] for k in ("width", "stem")})
     return sig
 
 
@@ -222,7 +277,7 @@ class TrainState:
 
 def trainable(tree: Mapping[str, Any], spec: StageSpec) -> dict[str, Any]:
     """The entries of a per-network tree (params, grads) that the stage's optimizer updates."""
-    return {name: tree[name] for name in spec.trains}
+    return {name: tree[name] for name in spec.trains if name in tree}
 
 
 def make_optimizer(stage_cfg, *, steps_per_epoch: int) -> optax.GradientTransformation:

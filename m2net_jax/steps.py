@@ -45,8 +45,8 @@ class LossHyperparams:
     """A stage's scalars that the loss reads (static: baked into the compiled step).
 
     `penalty` is λ > 0 of Eqn 5 (a wrong prediction is rewarded −λ); `bound` the exploration
-    bound of the sampling; the curriculum opens one block every `curriculum_epochs` epochs of
-    `steps_per_epoch` steps.
+    bound of the sampling; the policy stage's curriculum opens one more block every
+    `curriculum_steps` steps (`policy_gradient.curriculum_steps`).
     """
 
     theta_s: float = flax.struct.field(pytree_node=False)
@@ -54,8 +54,7 @@ class LossHyperparams:
     penalty: float = flax.struct.field(pytree_node=False)
     entropy_weight: float = flax.struct.field(pytree_node=False)
     bound: float = flax.struct.field(pytree_node=False)
-    steps_per_epoch: int = flax.struct.field(pytree_node=False)
-    curriculum_epochs: int = flax.struct.field(pytree_node=False)
+    curriculum_steps: int = flax.struct.field(pytree_node=False)
 
 
 def loss_hyperparams(config, stage: str, *, steps_per_epoch: int) -> LossHyperparams:
@@ -67,8 +66,7 @@ def loss_hyperparams(config, stage: str, *, steps_per_epoch: int) -> LossHyperpa
         penalty=stage_cfg.penalty,
         entropy_weight=stage_cfg.entropy_weight,
         bound=config.sampling.bound,
-        steps_per_epoch=steps_per_epoch,
-        curriculum_epochs=config.sampling.curriculum_epochs,
+        curriculum_steps=pg.curriculum_steps(config.sampling.curriculum_epochs, steps_per_epoch),
     )
 
 
@@ -82,22 +80,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def classification_loss(params, batch_stats, batch, key, step, *, networks: Networks, hp):
-    """Pretrain: cross-entropy of the full recognizer (all blocks on)."""
+    """Pretrain: cross-entropy of the full recognizer (all blocks on), plus that of the image
+    classifier on the policy-resolution photos when the stage trains one.
+
+    The two networks share no parameter, so summing the losses trains each as if alone.
+    """
     del key, step, hp
     rec = networks.recognizer
+    variables = {"params": params, "batch_stats": batch_stats}
     policy = jnp.ones((batch["label"].shape[0], rec.num_blocks), jnp.float32)
     logits, updates = rec.apply(
-        network_variables({"params": params, "batch_stats": batch_stats}, "recognizer"),
+        network_variables(variables, "recognizer"),
         batch["image"],
         policy,
         train=True,
         mutable=["batch_stats"],
         **location_kwargs(rec, batch["location"]),
     )
-    loss = cross_entropy(logits, batch["label"])
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    ce = cross_entropy(logits, batch["label"])
+    scalars = {"cross_entropy": ce, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
     new_stats = {**batch_stats, "recognizer": updates["batch_stats"]}
-    return loss, (new_stats, {"loss": loss, "accuracy": accuracy})
+    loss = ce
+    if "image_classifier" in params:
+        cls_logits, cls_updates = networks.image_classifier.apply(
+            network_variables(variables, "image_classifier"),
+            batch["policy_image"],
+            train=True,
+            mutable=["batch_stats"],
+        )
+        cls_ce = cross_entropy(cls_logits, batch["label"])
+        loss = loss + cls_ce
+        new_stats["image_classifier"] = cls_updates["batch_stats"]
+        scalars["image_classifier_accuracy"] = jnp.mean(
+            jnp.argmax(cls_logits, -1) == batch["label"]
+        )
+    return loss, (new_stats, {"loss": loss, **scalars})
 
 
 def sample_per_example(key, probs, *, bound: float) -> jax.Array:
@@ -144,8 +161,7 @@ def policy_loss(
     if train_recognizer:
         k = jnp.asarray(n, jnp.int32)
     else:
-        epoch = step // hp.steps_per_epoch
-        k = pg.curriculum_k(epoch, num_blocks=n, curriculum_epochs=hp.curriculum_epochs)
+        k = pg.curriculum_k(step, num_blocks=n, steps_per_k=hp.curriculum_steps)
     mask = pg.curriculum_mask(n, k)
     sampled = pg.apply_curriculum(sample_per_example(key, probs, bound=hp.bound), mask)
     greedy = pg.apply_curriculum(pg.greedy_policy(probs), mask)
@@ -295,10 +311,14 @@ def make_train_step(
 # The predict step (evaluation).
 
 
-def predict_step(variables, batch, *, networks: Networks, use_policy: bool):
+def predict_step(
+    variables, batch, *, networks: Networks, use_policy: bool, decided_blocks: int | None = None
+):
     """Per device: greedy policies (B, N) bool and whether each prediction is right (B,).
 
-    Also returns the predicted class (B,) int32, which the mechanism metrics need.
+    Also returns the predicted class (B,) int32, which the mechanism metrics need. With
+    `decided_blocks` = k, only the last k blocks follow the policy and the earlier ones run, as
+    in the policy stage's training at a curriculum step k < N.
     """
     rec = networks.recognizer
     b = batch["label"].shape[0]
@@ -310,6 +330,8 @@ def predict_step(variables, batch, *, networks: Networks, use_policy: bool):
             train=False,
         )
         policy = pg.greedy_policy(probs)
+        if decided_blocks is not None:
+            policy = pg.apply_curriculum(policy, pg.curriculum_mask(rec.num_blocks, decided_blocks))
     else:
         policy = jnp.ones((b, rec.num_blocks), jnp.float32)
     logits = rec.apply(
@@ -328,13 +350,21 @@ def predict_step(variables, batch, *, networks: Networks, use_policy: bool):
 
 
 @functools.lru_cache(maxsize=16)
-def make_predict_step(networks: Networks, mesh: jax.sharding.Mesh, *, use_policy: bool):
+def make_predict_step(
+    networks: Networks,
+    mesh: jax.sharding.Mesh,
+    *,
+    use_policy: bool,
+    decided_blocks: int | None = None,
+):
     """The jitted, data-parallel `predict_step` over `mesh`: (variables, batch) -> outputs.
 
     Cached: equal networks on one mesh (every stage's evaluation, systems that differ only in
     their reward) share one compiled program.
     """
-    step = functools.partial(predict_step, networks=networks, use_policy=use_policy)
+    step = functools.partial(
+        predict_step, networks=networks, use_policy=use_policy, decided_blocks=decided_blocks
+    )
     sharded = jax.shard_map(
         step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
     )

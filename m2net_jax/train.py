@@ -121,8 +121,10 @@ _POLICY_METRICS = (
 )
 
 
-def _collection(stage: str) -> type[metrics.Collection]:
-    names = ("loss", "accuracy") if stage == "pretrain" else _POLICY_METRICS
+def _collection(stage: str, networks: Networks) -> type[metrics.Collection]:
+    names = ("loss", "cross_entropy", "accuracy") if stage == "pretrain" else _POLICY_METRICS
+    if stage == "pretrain" and networks.image_classifier is not None:
+        names += ("image_classifier_accuracy",)
     names += ("grad_norm", "nonfinite")
     return metrics.Collection.create(**{n: metrics.Average.from_output(n) for n in names})
 
@@ -329,7 +331,7 @@ def train_stage(
 
     hp = steps.loss_hyperparams(config, stage, steps_per_epoch=steps_per_epoch)
     step_fn = steps.make_train_step(STAGE_SPECS[stage], networks, hp, tx, mesh)
-    collection = _collection(stage)
+    collection = _collection(stage, networks)
     progress = Progress(stage, start=start, total=total_steps, global_batch=stage_cfg.batch_size)
     running, unchecked = None, []  # metrics since the last log; steps not checked for NaN yet
     on_step(start)
@@ -451,7 +453,7 @@ def train_and_evaluate(
             variables = result.variables
             logging.info("[%s] Trained in %.1f s; evaluating.", stage, time.time() - t0)
             evaluated[stage] = evaluate.evaluate_variables(
-                variables, config, networks=networks, mesh=mesh, stage=stage
+                variables, config, networks=networks, mesh=mesh, stage=stage, step=result.steps
             )
             writer.write_scalars(
                 result.steps, {f"{stage}/test_{k}": v for k, v in evaluated[stage].items()}

@@ -20,8 +20,12 @@ from collections.abc import Sequence
 import ml_collections
 from absl import logging
 
+from m2net_jax import policy_gradient as pg
 from m2net_jax.models import BLOCKS_PER_STAGE, CONV_TYPES, STEMS
-from m2net_jax.state import STAGES  # The schedule's order: `stages.run` selects a subset.
+from m2net_jax.state import (
+    IMAGE_INITS,
+    STAGES,  # The schedule's order: `stages.run` selects a subset.
+)
 from m2net_jax.user_errors import UserError
 
 MODES = ("train", "eval")
@@ -64,13 +68,20 @@ def num_blocks(depth: int) -> int:
     return 3 * BLOCKS_PER_STAGE[depth]
 
 
-def policy_epochs_needed(num_blocks: int, curriculum_epochs: int) -> int:
-    """Fewest policy-stage epochs that end with E = `curriculum_epochs` epochs at k = N.
+def policy_epochs_needed(num_blocks: int, curriculum_epochs: float) -> float:
+    """Fewest policy-stage epochs that end with E = `curriculum_epochs` epochs at k = N: N · E.
 
-    Epoch e decides the last ``k = min(N, 1 + e // E)`` blocks (`policy_gradient.curriculum_k`),
-    so k first reaches N at epoch (N − 1)·E; E more epochs there make N·E in all.
+    The policy decides the last ``k = min(N, 1 + t // T)`` blocks at step t, T the steps of E
+    epochs (`policy_gradient.curriculum_k`), so k first reaches N after (N − 1) · E epochs; E
+    more there make N · E in all. In whole steps, `policy_steps_needed`.
     """
     return num_blocks * curriculum_epochs
+
+
+def policy_steps_needed(num_blocks: int, curriculum_epochs: float, steps_per_epoch: int) -> int:
+    """`policy_epochs_needed` in optimizer steps: N curriculum steps of
+    `policy_gradient.curriculum_steps(E, steps_per_epoch)` (at least one step each)."""
+    return num_blocks * pg.curriculum_steps(curriculum_epochs, steps_per_epoch)
 
 
 def validate_config(
@@ -80,7 +91,6 @@ def validate_config(
     num_train_examples: int | None = None,
     device_count: int = 1,
     process_count: int = 1,
-    strict_curriculum: bool = False,
 ) -> Problems:
     """Every problem of a config (a `configs/base.py` ConfigDict), without raising.
 
@@ -89,12 +99,9 @@ def validate_config(
       dataset_image_size: side of the built dataset's photos (`pipeline.DatasetSpec.image_size`),
         or None when unknown or varying; a different `data.image_size` is a warning.
       num_train_examples: size of the train split, or None when unknown; a stage's batch must
-        not exceed it.
+        not exceed it, and the curriculum is checked in whole steps when it is known.
       device_count: global devices of the job; every batch size must split over them.
       process_count: JAX processes of the job; every batch size must split over them.
-      strict_curriculum: a policy stage too short to open every block is an error (else a
-        warning: several shipped configs still end their policy stage before k = N, BUILD_NOTES
-        "Training").
 
     Returns:
       The errors and warnings, each a one-line message naming the key, value and fix.
@@ -109,14 +116,14 @@ def validate_config(
     c.number("reward.theta_s", low=0)
     c.number("reward.theta_d", low=0)
     c.number("sampling.bound", low=0.5, high=1)
-    c.integer("sampling.curriculum_epochs", low=1)
+    c.number("sampling.curriculum_epochs", low=0, low_open=True)
 
     run = _check_run(c)
     batch_multiple = math.lcm(device_count, process_count)
     for stage in STAGES:
         _check_stage(c, stage, num_train_examples, batch_multiple)
     if config.mode == "train" and "policy" in run:
-        _check_curriculum(c, strict=strict_curriculum)
+        _check_curriculum(c, num_train_examples)
 
     c.integer("checkpoint.save_interval_steps", low=1)
     if config.checkpoint.max_to_keep is not None:  # None: Orbax keeps every checkpoint.
@@ -185,6 +192,7 @@ def _check_networks(c: "_Checker") -> None:
     c.boolean("policy.use_geo")
     c.number("policy.fusion_alpha", low=0, high=1)
     c.integer("policy.width", low=1)
+    c.choice("policy.image_init", IMAGE_INITS)
     size = c.get("data.image_size")
     for net, side in (("recognizer", size), ("policy", size // 2 if _is_int(size) else None)):
         stem = c.choice(f"{net}.stem", STEMS)
@@ -295,30 +303,49 @@ def _check_batch(
         )
 
 
-def _check_curriculum(c: "_Checker", *, strict: bool) -> None:
-    """The policy stage must reach k = N and stay there for `curriculum_epochs` epochs."""
-    depth, per_step = c.get("recognizer.depth"), c.get("sampling.curriculum_epochs")
-    epochs = c.get("stages.policy.epochs")
-    if depth not in BLOCKS_PER_STAGE or not all(_is_int(v) and v >= 1 for v in (per_step, epochs)):
+def _check_curriculum(c: "_Checker", num_train_examples: int | None) -> None:
+    """The policy stage must reach k = N and stay there for `curriculum_epochs` epochs, and
+    should not decay its learning rate while blocks are still being opened."""
+    if c.get("stages.policy.schedule") == "cosine":
+        c.warning(
+            "stages.policy.schedule",
+            "='cosine' decays the learning rate while the curriculum is still opening blocks "
+            "(BlockDrop keeps the policy stage's rate constant)",
+            "set --config.stages.policy.schedule=constant",
+        )
+    depth, per_k = c.get("recognizer.depth"), c.get("sampling.curriculum_epochs")
+    epochs, batch = c.get("stages.policy.epochs"), c.get("stages.policy.batch_size")
+    if (
+        depth not in BLOCKS_PER_STAGE
+        or not (_is_number(per_k) and per_k > 0)
+        or not (_is_int(epochs) and epochs >= 1)
+    ):
         return  # Already reported.
     n = num_blocks(depth)
-    needed = policy_epochs_needed(n, per_step)
+    steps_per_epoch = None
+    if num_train_examples and _is_int(batch) and 1 <= batch <= num_train_examples:
+        steps_per_epoch = num_train_examples // batch
+    if steps_per_epoch is None:  # In epochs: the dataset's size is not known here.
+        needed = math.ceil(policy_epochs_needed(n, per_k) - 1e-9)
+        last_k = min(n, math.ceil(epochs / per_k - 1e-9))
+    else:  # In whole steps, as `policy_gradient.curriculum_k` counts.
+        needed_steps = policy_steps_needed(n, per_k, steps_per_epoch)
+        needed = math.ceil(needed_steps / steps_per_epoch)
+        steps_per_k = pg.curriculum_steps(per_k, steps_per_epoch)
+        last_k = min(n, 1 + (epochs * steps_per_epoch - 1) // steps_per_k)
     if epochs >= needed:
         return
-    last_k = min(n, 1 + (epochs - 1) // per_step)
     fix = f"set --config.stages.policy.epochs={needed}"
-    if epochs // n >= 1:
-        fix += (
-            f", or --config.sampling.curriculum_epochs={epochs // n} "
-            f"(needs {policy_epochs_needed(n, epochs // n)} epochs)"
-        )
-    report = c.error if strict else c.warning
-    report(
+    shorter = math.floor(100 * epochs / n) / 100  # E that fits, to two decimals.
+    fits = steps_per_epoch is None or n <= epochs * steps_per_epoch
+    if shorter > 0 and fits:
+        fix += f", or --config.sampling.curriculum_epochs={shorter:g}"
+    c.error(
         "stages.policy.epochs",
-        f"is too short for the curriculum: with sampling.curriculum_epochs={per_step} the "
-        f"policy decides the last min(N, 1 + epoch // {per_step}) of ResNet-{depth}'s N={n} "
-        f"blocks and ends at k={last_k}; it needs N x curriculum_epochs = {needed} epochs to "
-        f"end with sampling.curriculum_epochs={per_step} epochs at k=N",
+        f"is too short for the curriculum: with sampling.curriculum_epochs={per_k} the policy "
+        f"decides one more of ResNet-{depth}'s N={n} blocks every {per_k:g} epochs and ends at "
+        f"k={last_k}; it needs N x curriculum_epochs = {policy_epochs_needed(n, per_k):g} "
+        f"epochs to end with sampling.curriculum_epochs={per_k} epochs at k=N",
         fix,
     )
 

@@ -74,6 +74,26 @@ def test_every_suite_has_every_system_of_the_paper_and_m2net_plus():
                 assert c.stages[stage].penalty == s.penalty_scale * base.stages[stage].penalty
 
 
+# Train split sizes: geo_twins/smoke 8 classes x 16, geo_twins 5120; Landmark sets unknown.
+TRAIN_EXAMPLES = {"geo_twins/smoke": 128, "geo_twins": 5120}
+
+
+@pytest.mark.parametrize("suite_name", list(experiments.SUITES))
+def test_every_system_of_every_suite_passes_the_config_check(suite_name):
+    """A system whose config fails at start-up (a curriculum that cannot complete, say) would
+    stop a suite hours in; every one is checked here."""
+    from m2net_jax import validation
+
+    suite = experiments.SUITES[suite_name]
+    base = experiments.suite_base_config(suite)
+    for system in experiments.suite_systems(suite, base):
+        config = experiments.system_config(suite, system, base)
+        config.stages.run = ",".join(system.stages)
+        examples = TRAIN_EXAMPLES.get(config.data.dataset)
+        problems = validation.validate_config(config, num_train_examples=examples)
+        assert problems.errors == [], (system.name, problems.errors)
+
+
 def test_accuracy_noise_is_the_binomial_standard_deviation_of_the_difference():
     a = {"accuracy": 0.5, "num_examples": 100}  # variance 0.25 / 100 each
     b = {"accuracy": 0.1, "num_examples": 400}  # variance 0.09 / 400

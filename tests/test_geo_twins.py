@@ -135,6 +135,17 @@ def test_plain_name_selects_the_32px_default_and_all_resolutions_exist():
         assert tfds.builder(f"geo_twins/{config.name}").builder_config is config
 
 
+def test_identical_twins_build_is_the_standard_set_without_the_city_cue():
+    """`geo_twins/32px_identical`: the 32px classes, photos rendered with twin_cue=0, where
+    twins drawn with the same randomness are the same photo (next test)."""
+    standard = tfds.builder("geo_twins/32px").builder_config
+    identical = tfds.builder("geo_twins/32px_identical").builder_config
+    assert identical.twin_cue == 0.0 and standard.twin_cue == 1.0
+    assert identical.classes == standard.classes
+    for field in ("image_size", "train_per_class", "test_per_class", "jitter_km", "seed"):
+        assert getattr(identical, field) == getattr(standard, field)
+
+
 def test_twins_differ_only_by_the_city_cue():
     classes = geo_twins.class_table(num_archetypes=2, cities_per_archetype=3, num_cities=4, seed=0)
     tower_a, tower_b, arch = classes[0], classes[2], classes[3]

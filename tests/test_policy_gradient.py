@@ -65,13 +65,25 @@ def test_greedy_policy_runs_blocks_with_probability_at_least_one_half():
 # --- curriculum ----------------------------------------------------------------------------
 
 
-def test_curriculum_k_grows_by_one_every_curriculum_epochs_up_to_num_blocks():
-    ks = [int(pg.curriculum_k(e, num_blocks=4, curriculum_epochs=3)) for e in range(15)]
+def test_curriculum_k_grows_by_one_every_steps_per_k_up_to_num_blocks():
+    ks = [int(pg.curriculum_k(t, num_blocks=4, steps_per_k=3)) for t in range(15)]
     assert ks == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4]
-    traced = jax.jit(lambda e: pg.curriculum_k(e, num_blocks=4, curriculum_epochs=3))
+    traced = jax.jit(lambda t: pg.curriculum_k(t, num_blocks=4, steps_per_k=3))
     assert int(traced(jnp.int32(7))) == 3
-    with pytest.raises(ValueError, match="curriculum_epochs"):
-        pg.curriculum_k(0, num_blocks=4, curriculum_epochs=0)
+    with pytest.raises(ValueError, match="steps_per_k"):
+        pg.curriculum_k(0, num_blocks=4, steps_per_k=0)
+
+
+@pytest.mark.parametrize(
+    "epochs, steps_per_epoch, expected",
+    [(1, 40, 40), (3, 40, 120), (0.5, 40, 20), (0.4, 39, 15), (1 / 16, 8, 1), (0.01, 5, 1)],
+)
+def test_curriculum_steps_are_whole_steps_rounded_down_never_below_one(
+    epochs, steps_per_epoch, expected
+):
+    assert pg.curriculum_steps(epochs, steps_per_epoch) == expected
+    with pytest.raises(ValueError, match="positive"):
+        pg.curriculum_steps(0, steps_per_epoch)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,9 @@ def test_stages_hold_only_their_networks_and_train_only_theirs():
     pretrain = state_lib.create_train_state(
         variables, state_lib.STAGE_SPECS["pretrain"], tx, jax.random.PRNGKey(1)
     )
-    assert set(pretrain.params) == {"recognizer"}
+    # Pretraining also trains the classifier the policy's image branch will start from.
+    assert set(pretrain.params) == {"recognizer", "image_classifier"}
+    assert set(pretrain.opt_state[1][0].trace) == {"recognizer", "image_classifier"}
     tx = state_lib.make_optimizer(config.stages.policy, steps_per_epoch=3)
     policy = state_lib.create_train_state(
         variables, state_lib.STAGE_SPECS["policy"], tx, jax.random.PRNGKey(1)
@@ -57,6 +59,63 @@ def test_stages_hold_only_their_networks_and_train_only_theirs():
     params_leaves = len(jax.tree.leaves(variables["params"]["policy"]))
     moments = [x for x in jax.tree.leaves(policy.opt_state) if x.ndim > 0]
     assert len(moments) == 2 * params_leaves  # Adam's mu and nu, for the policy only.
+
+
+def test_without_a_pretrained_image_branch_pretraining_holds_the_recognizer_only():
+    config = _config()
+    config.policy.image_init = "random"
+    networks = state_lib.create_networks(config, num_classes=8)
+    assert networks.image_classifier is None
+    variables = state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size)
+    assert set(variables["params"]) == {"recognizer", "policy"}
+    tx = state_lib.make_optimizer(config.stages.pretrain, steps_per_epoch=3)
+    pretrain = state_lib.create_train_state(
+        variables, state_lib.STAGE_SPECS["pretrain"], tx, jax.random.PRNGKey(1)
+    )
+    assert set(pretrain.params) == {"recognizer"}
+
+
+def _branch(variables, network, collection="params"):
+    return variables[collection][network]["img_resnet10"]
+
+
+def test_a_new_policy_network_starts_its_image_branch_from_the_trained_classifier():
+    """The policy stage's start (complete_variables after pretraining): the image branch's stem
+    and blocks, parameters and batch statistics, are the classifier's; its last layer (N
+    outputs, not K) and the location branch are the fresh network's."""
+    config = _config()
+    networks = state_lib.create_networks(config, num_classes=8)
+    fresh = state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size)
+    # "Trained" variables: every leaf of the pretrain stage's networks moved away from fresh.
+    pretrained = jax.tree.map(
+        lambda x: x + 1.0, state_lib.select_networks(fresh, ("recognizer", "image_classifier"))
+    )
+    start = state_lib.complete_variables(pretrained, fresh)
+
+    for collection in ("params", "batch_stats"):
+        trained = _branch(pretrained, "image_classifier", collection)
+        branch = _branch(start, "policy", collection)
+        assert set(branch) == set(_branch(fresh, "policy", collection))
+        for name in branch:
+            expected = _branch(fresh, "policy", collection)[name] if name == "fc" else trained[name]
+            for a, b in zip(jax.tree.leaves(branch[name]), jax.tree.leaves(expected), strict=True):
+                assert a.shape == b.shape
+                assert jnp.array_equal(a, b), (collection, name)
+    assert _branch(start, "policy")["fc"]["kernel"].shape[-1] == networks.recognizer.num_blocks
+    assert _branch(pretrained, "image_classifier")["fc"]["kernel"].shape[-1] == 8
+    for a, b in zip(
+        jax.tree.leaves(start["params"]["policy"]["loc_mlp"]),
+        jax.tree.leaves(fresh["params"]["policy"]["loc_mlp"]),
+        strict=True,
+    ):
+        assert jnp.array_equal(a, b)
+    # The recognizer is the trained one; a policy network already present is kept as it is.
+    assert jnp.array_equal(
+        jax.tree.leaves(start["params"]["recognizer"])[0],
+        jax.tree.leaves(pretrained["params"]["recognizer"])[0],
+    )
+    again = state_lib.complete_variables(start, fresh)
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, again["params"], start["params"]))
 
 
 def test_network_variables_cuts_out_one_network():

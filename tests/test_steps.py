@@ -119,3 +119,67 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     home = os.path.expanduser("~")
     assert steps.default_compilation_cache_dir() == os.path.join(home, ".cache", "m2net_jax", "jax")
+
+
+# --- the predict step under the curriculum ---------------------------------------------------
+
+
+def _networks_and_variables():
+    from m2net_jax.configs import r47
+
+    config = r47.get_config("smoke")
+    config.recognizer.depth = 29
+    networks = state_lib.create_networks(config, num_classes=8)
+    variables = state_lib.init_variables(networks, jax.random.PRNGKey(0), config.data.image_size)
+    # Both branches' last biases far below 0: every keep probability < 0.5, the greedy policy
+    # drops every block the policy decides.
+    policy = variables["params"]["policy"]
+    policy["img_resnet10"]["fc"]["bias"] = jnp.full_like(policy["img_resnet10"]["fc"]["bias"], -30)
+    policy["loc_mlp"]["fc5"]["bias"] = jnp.full_like(policy["loc_mlp"]["fc5"]["bias"], -30)
+    return config, networks, variables
+
+
+@pytest.mark.parametrize("decided", [None, 1, 4, 9])
+def test_predict_step_forces_the_blocks_the_curriculum_has_not_handed_over(decided):
+    config, networks, variables = _networks_and_variables()
+    n = networks.recognizer.num_blocks
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.random((4, 32, 32, 3), np.float32),
+        "policy_image": rng.random((4, 16, 16, 3), np.float32),
+        "location": rng.normal(size=(4, 8)).astype(np.float32),
+        "label": np.arange(4, dtype=np.int32),
+    }
+    mesh = steps.make_mesh(jax.devices()[:1])
+    predict = steps.make_predict_step(networks, mesh, use_policy=True, decided_blocks=decided)
+    out = jax.device_get(predict(variables, steps.shard_batch(batch, mesh)))
+    forced_on = n if decided is None else n - decided
+    expected = np.zeros((4, n), bool)
+    if decided is not None:
+        expected[:, :forced_on] = True  # The earlier blocks run; the last `decided` are dropped.
+    np.testing.assert_array_equal(out["policy"], expected)
+    logits = networks.recognizer.apply(
+        state_lib.network_variables(variables, "recognizer"),
+        batch["image"],
+        expected.astype(np.float32),
+        train=False,
+    )
+    np.testing.assert_array_equal(out["prediction"], np.argmax(logits, -1))
+
+
+def test_evaluation_forces_the_curriculum_of_the_evaluated_policy_step():
+    from m2net_jax import evaluate
+
+    config, _, _ = _networks_and_variables()
+    # geo_twins/smoke: 128 photos, batch 16 → 8 steps an epoch; E = 1/16 epoch → 1 step per k.
+    assert config.stages.policy.batch_size == 16
+    assert config.sampling.curriculum_epochs == 1 / 16
+    decided = functools.partial(
+        evaluate.decided_blocks, config, num_blocks=9, num_train_examples=128
+    )
+    # After t steps the last step run was t − 1, which decided min(N, t) blocks.
+    assert [decided("policy", t) for t in (1, 2, 3, 8)] == [1, 2, 3, 8]
+    assert decided("policy", 9) is None and decided("policy", 24) is None  # k = N: all decided.
+    assert decided("finetune", 1) is None and decided("pretrain", 1) is None
+    config.sampling.curriculum_epochs = 0.5  # 4 steps per k
+    assert [decided("policy", t) for t in (4, 5, 8, 9, 36)] == [1, 2, 2, 3, None]

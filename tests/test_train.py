@@ -93,6 +93,24 @@ def test_all_stages_train_checkpoint_evaluate_and_eval_mode_reproduces(smoke_dat
         assert r["full_flops"] > 0 and r["flops_mean"] > 0
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
+    # The policy stage started its image branch from the classifier trained in pretraining:
+    # 24 Adam steps of 1e-3 leave its stem and blocks near that classifier, far from a fresh
+    # network's (independent random weights).
+    pretrained = checkpoint.restore_variables(workdir, "pretrain", config).variables
+    policy = checkpoint.restore_variables(workdir, "policy", config).variables
+    networks = state_lib.create_networks(config, num_classes=8)
+    fresh = state_lib.init_variables(networks, jax.random.PRNGKey(7), config.data.image_size)
+
+    def trunk(variables, network):
+        branch = variables["params"][network]["img_resnet10"]
+        return np.concatenate(
+            [x.ravel() for x in _leaves({k: branch[k] for k in branch if k != "fc"})]
+        )
+
+    to_trained = np.linalg.norm(trunk(policy, "policy") - trunk(pretrained, "image_classifier"))
+    to_fresh = np.linalg.norm(trunk(policy, "policy") - trunk(fresh, "policy"))
+    assert to_trained < 0.1 * to_fresh, (to_trained, to_fresh)
+
     eval_config = smoke_config(smoke_data_dir)
     eval_config.mode = "eval"
     again = evaluate.evaluate_workdir(eval_config, workdir)

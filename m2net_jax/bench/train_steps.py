@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from m2net_jax import fast_forward, state
+from m2net_jax import policy_gradient as pg
 from m2net_jax import steps as steps_lib
 from m2net_jax.bench import timing
 from m2net_jax.bench.inputs import both_variables, random_batch
@@ -39,8 +40,8 @@ class TrainBench:
 
     Networks, optimizers and penalties come from `suite_config(suite)` (`configs/base.py` at the
     suite's sizes). The policy stage's curriculum is chosen through the step counter (k = 1 +
-    step // (steps_per_epoch · curriculum_epochs) with a huge steps_per_epoch, so k stays put
-    while a benchmark runs).
+    step // `policy_gradient.curriculum_steps` with a huge steps_per_epoch, so k stays put while
+    a benchmark runs).
     """
 
     STEPS_PER_EPOCH = 1_000_000
@@ -70,8 +71,10 @@ class TrainBench:
         spec = state.STAGE_SPECS[stage]
         key = jax.random.PRNGKey(0)
         train_state = state.create_train_state(self.variables, spec, self.optimizers[stage], key)
-        epochs_per_k = self.config.sampling.curriculum_epochs
-        step = (k - 1) * epochs_per_k * self.STEPS_PER_EPOCH
+        steps_per_k = pg.curriculum_steps(
+            self.config.sampling.curriculum_epochs, self.STEPS_PER_EPOCH
+        )
+        step = (k - 1) * steps_per_k
         train_state = train_state.replace(step=jnp.asarray(step, jnp.int32))
         return steps_lib.replicate(train_state, self.mesh)
 

@@ -59,6 +59,11 @@ def get_config():
     c.policy.fusion_alpha = 0.7
     c.policy.width = 64
     c.policy.stem = "small"
+    # Where the image branch (ResNet-10) starts: 'pretrained' trains it as a classifier of the
+    # same classes during the pretrain stage, at the policy's resolution, and the policy stage
+    # starts from it (BlockDrop starts from an ImageNet ResNet; nothing is downloaded here);
+    # 'random' starts it from scratch.
+    c.policy.image_init = "pretrained"
 
     # Reward (Eqn 5); the penalty lambda is per stage (stages.*.penalty).
     c.reward = ml_collections.ConfigDict()
@@ -68,7 +73,9 @@ def get_config():
     # Sampling of policies during training.
     c.sampling = ml_collections.ConfigDict()
     c.sampling.bound = 0.8  # Exploration bound: s' = b s + (1 - b)(1 - s).
-    c.sampling.curriculum_epochs = 1  # Policy stage: one more decided block every this many epochs.
+    # Policy stage: one more decided block every this many epochs (a fraction is allowed). The
+    # stage must be at least N x this long, to end with this many epochs at k = N (validation).
+    c.sampling.curriculum_epochs = 1.0
 
     # The three stages of BlockDrop's schedule; `run` selects which of them this job runs.
     c.stages = _stages()
@@ -110,6 +117,7 @@ def _stages() -> ml_collections.ConfigDict:
         weight_decay=0.0,
         penalty=5.0,
         entropy_weight=0.1,
+        schedule="constant",  # BlockDrop's: no decay while the curriculum opens blocks.
     )
     stages.finetune = _stage(
         epochs=10,
@@ -133,6 +141,7 @@ def _stage(
     warmup_epochs=0,
     penalty=0.0,
     entropy_weight=0.0,
+    schedule="cosine",
 ):
     """One stage's hyperparameters (global batch size; epochs over the train split)."""
     s = ml_collections.ConfigDict()
@@ -140,7 +149,7 @@ def _stage(
     s.batch_size = batch_size
     s.optimizer = optimizer  # 'sgd' (momentum 0.9, Nesterov) or 'adam'.
     s.learning_rate = learning_rate
-    s.schedule = "cosine"  # 'cosine' (with linear warm-up) or 'constant'.
+    s.schedule = schedule  # 'cosine' (with linear warm-up) or 'constant'.
     s.warmup_epochs = warmup_epochs
     s.momentum = 0.9
     s.weight_decay = weight_decay
@@ -165,7 +174,7 @@ def apply_variant(c, variant):
         c.stages.pretrain.update(epochs=90, batch_size=256, learning_rate=0.1, warmup_epochs=5)
         c.stages.policy.update(epochs=60, batch_size=256, learning_rate=1e-3)
         c.stages.finetune.update(epochs=30, batch_size=256, learning_rate=1e-4)
-        c.sampling.curriculum_epochs = 3
+        c.sampling.curriculum_epochs = 2.0  # ResNet-65's 21 blocks open in 40 of the 60 epochs.
         c.checkpoint.save_interval_steps = 1000
         c.log.every_steps = 100
     elif variant == "geo_twins":
@@ -177,7 +186,7 @@ def apply_variant(c, variant):
         c.stages.finetune.epochs = 5
         c.stages.pretrain.batch_size = c.stages.policy.batch_size = 128
         c.stages.finetune.batch_size = 128
-        c.sampling.curriculum_epochs = 1
+        c.sampling.curriculum_epochs = 0.4  # ResNet-65's 21 blocks open in 8 of the 10 epochs.
     elif variant == "smoke":
         c.data.dataset = "geo_twins/smoke"
         c.data.image_size = 32
@@ -188,6 +197,9 @@ def apply_variant(c, variant):
             c.stages[stage].epochs = 1
             c.stages[stage].batch_size = 16
             c.stages[stage].warmup_epochs = 0
+        # One more block every step: ResNet-65's 21 blocks all open within 24 steps.
+        c.stages.policy.epochs = 3
+        c.sampling.curriculum_epochs = 1 / 16
         c.eval.batch_size = 32
         c.log.every_steps = 2
         c.checkpoint.save_interval_steps = 2

@@ -166,6 +166,13 @@ class GeoTwins(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
         _config("32px", "32 px, 8 archetypes x 4 cities, 5120 train / 1600 test.", **_STANDARD),
+        _config(
+            "32px_identical",
+            "32 px, as 32px but twins identical in the image (twin_cue=0): only the location "
+            "tells a landmark from its twins in other cities.",
+            twin_cue=0.0,
+            **_STANDARD,
+        ),
         _config("64px", "64 px, 8 archetypes x 4 cities.", image_size=64, **_STANDARD),
         _config(
             "112px",

@@ -46,6 +46,7 @@ from m2net_jax.experiments.suites import (
     Suite,
     System,
     load_config,
+    suite_base_config,
     suite_systems,
     system_config,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "accuracy_difference_std",
     "greedy_paths",
     "load_config",
+    "suite_base_config",
     "run_suite",
     "run_system",
     "suite_systems",

@@ -25,9 +25,8 @@ from m2net_jax.experiments.suites import (
     SUITES,
     Suite,
     System,
-    load_config,
     pretrain_source,
-    set_key,
+    suite_base_config,
     suite_systems,
     system_config,
 )
@@ -150,9 +149,7 @@ def run_suite(
     suite = SUITES[suite_name]
     config_name = "the given config"
     if base_config is None:
-        base_config = load_config(suite.config)
-        for key, value in suite.overrides.items():
-            set_key(base_config, key, value)
+        base_config = suite_base_config(suite)
         config_name = f"`{suite.config}`" + "".join(
             f", `{key}={value}`" for key, value in suite.overrides.items()
         )

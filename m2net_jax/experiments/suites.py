@@ -123,6 +123,8 @@ SUITES = {
             "stages.pretrain.epochs": 5,
             "stages.policy.epochs": 4,
             "stages.finetune.epochs": 2,
+            # The 9 blocks all open after 3.2 of the 4 epochs.
+            "sampling.curriculum_epochs": 0.4,
         },
     ),
     "landmark420": Suite(
@@ -210,6 +212,14 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads a config file given as ``path[:argument]``, locked, found as `main.py --config`
     finds it (`m2net_jax.configs.resolve`)."""
     return configs.load(spec)
+
+
+def suite_base_config(suite: Suite) -> ml_collections.ConfigDict:
+    """The suite's base config: its config file with the suite's `overrides` applied."""
+    config = load_config(suite.config)
+    for key, value in suite.overrides.items():
+        set_key(config, key, value)
+    return config
 
 
 def set_key(config: ml_collections.ConfigDict, key: str, value) -> None:

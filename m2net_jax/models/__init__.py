@@ -5,14 +5,20 @@ Pure Flax Linen modules; images enter both as NHWC float32 in [0, 1] and are nor
 """
 
 from m2net_jax.models.layers import CONV_TYPES, STEMS, normalize_images
-from m2net_jax.models.policy_network import PolicyNetwork
+from m2net_jax.models.policy_network import (
+    ImageClassifier,
+    PolicyNetwork,
+    with_trained_image_branch,
+)
 from m2net_jax.models.recognizer import BLOCKS_PER_STAGE, Recognizer
 
 __all__ = [
     "BLOCKS_PER_STAGE",
     "CONV_TYPES",
+    "ImageClassifier",
     "STEMS",
     "PolicyNetwork",
     "Recognizer",
     "normalize_images",
+    "with_trained_image_branch",
 ]

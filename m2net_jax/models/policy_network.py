@@ -28,6 +28,8 @@ from m2net_jax.models.layers import Stem, batch_norm, normalize_images, padding
 
 # Table 2: four basic blocks at width·(1, 2, 4, 8) channels with strides 1, 2, 2, 2.
 RESNET10_STAGES = ((1, 1), (2, 2), (4, 2), (8, 2))  # (width multiplier, stride)
+# Names of the image branch and of its last layer, in `PolicyNetwork` and `ImageClassifier`.
+IMAGE_BRANCH, HEAD = "img_resnet10", "fc"
 # Table 1: FC1–FC4 output sizes; FC5 maps to the N blocks.
 LOC_MLP_FEATURES = (128, 256, 256, 128)
 
@@ -100,9 +102,56 @@ class ResNet10(nn.Module):
         # Table 2's 4×4 average pool is the global pool at 112 px; global keeps any resolution.
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         fc = nn.Dense(
-            self.num_outputs, bias_init=nn.initializers.constant(self.bias_init), name="fc"
+            self.num_outputs, bias_init=nn.initializers.constant(self.bias_init), name=HEAD
         )
         return fc(x)
+
+
+class ImageClassifier(nn.Module):
+    """The policy's image branch as a classifier of the K classes: ResNet-10 (Table 2) with a
+    Dense → (B, K) head, on the photo at the policy's resolution.
+
+    BlockDrop's policy network starts from a ResNet trained on ImageNet. Nothing is downloaded
+    here, so the pretrain stage trains this classifier on the same training photos, and
+    `with_trained_image_branch` starts the policy network's image branch from it (all but the
+    head, which maps to N logits in the policy). Same attributes as `PolicyNetwork`'s branch.
+    """
+
+    num_classes: int
+    width: int = 64
+    stem: str = "imagenet"
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, policy_images, train: bool = False):
+        """(B, h, w, 3) photos in [0, 1] → (B, K) float32 class logits."""
+        return ResNet10(
+            self.num_classes,
+            width=self.width,
+            stem=self.stem,
+            dtype=self.dtype,
+            axis_name=self.axis_name,
+            name=IMAGE_BRANCH,
+        )(normalize_images(policy_images, self.dtype), train)
+
+
+def with_trained_image_branch(policy_variables, classifier_variables):
+    """The policy network's variables with its image branch's stem and blocks (parameters and
+    batch statistics) taken from a trained `ImageClassifier`; the branch's last layer, which maps
+    to the N blocks instead of the K classes, keeps its initial values.
+
+    Args:
+      policy_variables: {'params', 'batch_stats'} of a `PolicyNetwork`.
+      classifier_variables: {'params', 'batch_stats'} of an `ImageClassifier` of the same width
+        and stem.
+    """
+    out = {}
+    for collection, tree in policy_variables.items():
+        trained = classifier_variables[collection][IMAGE_BRANCH]
+        branch = {**tree[IMAGE_BRANCH], **{k: v for k, v in trained.items() if k != HEAD}}
+        out[collection] = {**tree, IMAGE_BRANCH: branch}
+    return out
 
 
 class LocationMLP(nn.Module):
@@ -171,7 +220,7 @@ class PolicyNetwork(nn.Module):
             bias_init=bias,
             dtype=self.dtype,
             axis_name=self.axis_name,
-            name="img_resnet10",
+            name=IMAGE_BRANCH,
         )(normalize_images(policy_images, self.dtype), train)
         if not self.use_geo:
             return nn.sigmoid(img_logits)
