@@ -40,6 +40,7 @@ setuptools.setup(
         "etils[epath]>=1.5,<2",
         "ml-collections>=1.0,<2",
         "numpy>=2.0,<3",
+        "scipy>=1.11,<2",  # Student-t intervals of the mechanism study (JAX requires it too)
         "absl-py>=2.0,<3",
         "pillow>=10.0,<14",
         "matplotlib>=3.8,<4",

@@ -60,11 +60,11 @@ def evaluate_variables(
 
     Args:
       variables: {'params', 'batch_stats'} of (at least) the stage's networks.
-      predict_fn: (variables, batch) -> {'correct', 'policy', ...}; default: the jitted
-        `steps.predict_step` of `networks` on `mesh`.
       step: the stage's step the variables are from. A policy-stage step whose curriculum k was
         below N is evaluated as trained: the blocks before the last k run (`decided_blocks`).
         None: the policy decides every block.
+      predict_fn: (variables, batch) -> {'correct', 'policy', ...}; default: the jitted
+        `steps.predict_step` of `networks` on `mesh` (then `step` is not read).
 
     Returns:
       A dict with `results.RESULT_KEYS` (plus FLOPs split into recognizer and policy network,

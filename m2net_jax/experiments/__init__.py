@@ -20,6 +20,11 @@ overrides that make it, trained and evaluated by `train.train_and_evaluate` in i
   penalty sweep          M²Net, Remove-MLP and Remove-U at other penalties λ (both policy
                          stages' λ scaled), for diversity and accuracy against Pr (Figs. 7, 10).
 
+`--suite=mechanism` is the mechanism study instead: Baseline, BlockDrop, M²Net, Remove-U and
+M²Net+ on geo_twins with the default twin cue and with identical twins, every policy system with
+several seeds (sharing one pretraining per dataset), reported as means with 95 % intervals over
+seeds and five hypotheses judged by them (`mechanism_report`).
+
 Systems run one after another and the command is resumable: a system whose `results.json` holds
 its last stage is skipped (its recorded config must match), an interrupted one resumes from its
 checkpoints. Work is shared where it is the same computation: BlockDrop, M²Net, Remove-U and the
@@ -31,8 +36,9 @@ and the PNG plots (`fig*.png`), and the same report can be rewritten from finish
 copy: `docs/geo_twins`).
 
 Modules: `suites` (systems and suites as data), `twins` (Fig. 5's photos and paths), `figures`
-(the plots), `report` (report.md and the claims), `runner` (running a suite), `__main__` (the
-command line). The names below are the package's API, for notebooks and tests.
+(the plots), `report` (report.md and the claims), `mechanism_report` (the mechanism study's
+sections), `runner` (running a suite), `__main__` (the command line). The names below are the
+package's API, for notebooks and tests.
 """
 
 from m2net_jax.experiments.report import accuracy_difference_std, write_report

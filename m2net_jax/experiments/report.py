@@ -19,6 +19,7 @@ from absl import logging
 from m2net_jax import policy_gradient as pg
 from m2net_jax import results as results_lib
 from m2net_jax.experiments import figures
+from m2net_jax.experiments.mechanism_report import mechanism_sections
 from m2net_jax.experiments.suites import (
     COMPACT_BACKBONES,
     POLICY_SYSTEMS,
@@ -95,13 +96,16 @@ def write_report(
         unit=unit,
     )
     lines = _preamble(inputs, base_config, config_name)
-    lines += _table3_section(inputs)
-    lines += _sweep_section(inputs)
-    lines += _compatibility_section(inputs)
-    lines += ["## Fig. 5: paths chosen for look-alike landmarks", ""]
-    lines += _figure5_section(inputs)
-    lines += ["", "## Claims of the paper on this suite", ""]
-    lines += _claims(systems, results_by_name, inputs.configs)
+    if suite.kind == "mechanism":
+        lines += mechanism_sections(suite, systems, results_by_name, report_dir)
+    else:
+        lines += _table3_section(inputs)
+        lines += _sweep_section(inputs)
+        lines += _compatibility_section(inputs)
+        lines += ["## Fig. 5: paths chosen for look-alike landmarks", ""]
+        lines += _figure5_section(inputs)
+        lines += ["", "## Claims of the paper on this suite", ""]
+        lines += _claims(systems, results_by_name, inputs.configs)
     total = sum(filter(None, (system_seconds(workdir, system) for system in systems)))
     lines += ["", f"Total training and evaluation time: {total / 60:.1f} minutes.", ""]
     path = os.path.join(report_dir, "report.md")

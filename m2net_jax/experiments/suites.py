@@ -40,6 +40,23 @@ POLICY_SYSTEMS = {
 }
 
 
+# The mechanism study (`--suite=mechanism`): each system on both datasets, several seeds.
+# Dataset tag → (TFDS name, label): the standard twins, and twins identical in the image, where
+# only the location can tell them apart.
+MECHANISM_DATASETS = {
+    "cue": ("geo_twins/32px", "geo_twins (default cue)"),
+    "identical": ("geo_twins/32px_identical", "geo_twins, identical twins (twin_cue=0)"),
+}
+# System kind → (label, config overrides, the pretraining it starts from).
+MECHANISM_KINDS = {
+    "baseline": ("Baseline ResNet", {}, None),
+    "blockdrop": ("BlockDrop (Remove-MLP)", POLICY_SYSTEMS["blockdrop"][2], "baseline"),
+    "m2net": ("M²Net", {}, "baseline"),
+    "remove_u": ("Remove-U", POLICY_SYSTEMS["remove_u"][2], "baseline"),
+    "m2net_plus": ("M²Net+", {"recognizer.geo_conditioning": True}, "plus_pretrain"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class System:
     """One row of the comparison: a config (the suite's base + `overrides`) and what it runs.
@@ -53,7 +70,11 @@ class System:
       shares_pretrain: a system whose finished pretrain checkpoint this one starts from.
       backbone: for 'compatibility': the compact system whose recognizer it puts M²Net on.
       kind, penalty_scale: for the penalty sweep (Figs. 7, 10): which policy system it is a
-        variant of and its λ as a multiple of the suite's.
+        variant of and its λ as a multiple of the suite's; in the mechanism study, the
+        `MECHANISM_KINDS` key.
+      dataset: in the mechanism study, the `MECHANISM_DATASETS` tag.
+      seed: in the mechanism study, the `seed` of the policy and finetune stages; such systems
+        share one pretraining (seed 0's) per dataset, so the seed varies the later stages only.
     """
 
     name: str
@@ -65,6 +86,8 @@ class System:
     backbone: str | None = None
     kind: str | None = None
     penalty_scale: float = 1.0
+    dataset: str | None = None
+    seed: int | None = None
 
     @property
     def final_stage(self) -> str:
@@ -86,6 +109,9 @@ class Suite:
       twins_per_class: test photos per class in the Fig. 5 picture.
       overrides: dotted config keys → values applied to `config` (not to a config given in its
         place), e.g. the schedule that fits the suite in its time budget.
+      seeds: for the mechanism study (`kind='mechanism'`): the seeds of every policy system.
+      kind: 'paper' (the paper's comparisons, `suite_systems`) or 'mechanism' (the mechanism
+        study: `mechanism_systems`).
     """
 
     name: str
@@ -95,6 +121,8 @@ class Suite:
     trained: tuple[str, ...] | None = None
     twins_per_class: int = 2
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seeds: tuple[int, ...] = ()
+    kind: str = "paper"
 
 
 SUITES = {
@@ -127,6 +155,17 @@ SUITES = {
             "sampling.curriculum_epochs": 0.4,
         },
     ),
+    "mechanism": Suite(
+        name="mechanism",
+        config="m2net_jax/configs/quickstart.py",
+        description=(
+            "M²Net's mechanism on geo_twins with twins that differ slightly in the image (the "
+            "default cue) and with identical twins: Baseline, BlockDrop (Remove-MLP), M²Net, "
+            'Remove-U and M²Net+, 3 seeds each (BUILD_NOTES.md, "The mechanism study").'
+        ),
+        kind="mechanism",
+        seeds=(0, 1, 2),
+    ),
     "landmark420": Suite(
         name="landmark420",
         config="m2net_jax/configs/r47.py:landmark420",
@@ -144,6 +183,8 @@ SUITES = {
 
 def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[System]:
     """The suite's systems, in an order where every shared checkpoint exists before its use."""
+    if suite.kind == "mechanism":
+        return mechanism_systems(suite)
     depth = base_config.recognizer.depth
     main_baseline = f"baseline_r{depth}"
     systems = [
@@ -208,6 +249,48 @@ def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[
     return systems
 
 
+def mechanism_systems(suite: Suite) -> list[System]:
+    """The mechanism study's systems, per dataset: the baseline and M²Net+'s own pretraining
+    (pretrain stage only, seed 0), then BlockDrop, M²Net, Remove-U and M²Net+ for every seed of
+    the suite, starting from the pretraining of their recognizer."""
+    systems = []
+    for tag, (dataset, _) in MECHANISM_DATASETS.items():
+        data = {"data.dataset": dataset}
+        plus = MECHANISM_KINDS["m2net_plus"][1]
+        for kind, label, overrides in (
+            ("baseline", "Baseline ResNet", data),
+            ("plus_pretrain", "M²Net+ pretraining", {**data, **plus}),
+        ):
+            systems.append(
+                System(
+                    f"{kind}_{tag}",
+                    label,
+                    "baseline" if kind == "baseline" else "plus",
+                    overrides,
+                    stages=("pretrain",),
+                    kind=kind,
+                    dataset=tag,
+                )
+            )
+        for seed in suite.seeds:
+            for kind, (label, overrides, source) in MECHANISM_KINDS.items():
+                if source is None:
+                    continue
+                systems.append(
+                    System(
+                        f"{kind}_{tag}_s{seed}",
+                        label,
+                        "plus" if kind == "m2net_plus" else "policy",
+                        {**data, **overrides, "seed": seed},
+                        shares_pretrain=f"{source}_{tag}",
+                        kind=kind,
+                        dataset=tag,
+                        seed=seed,
+                    )
+                )
+    return systems
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads a config file given as ``path[:argument]``, locked, found as `main.py --config`
     finds it (`m2net_jax.configs.resolve`)."""
@@ -261,7 +344,8 @@ def pretrain_source(
     source = systems_by_name[system.shares_pretrain]
     source_config = system_config(suite, source, base_config)
     config = system_config(suite, system, base_config)
-    for key in ("data", "recognizer", "seed"):
+    # Seeded systems of the mechanism study share seed 0's pretraining on purpose.
+    for key in ("data", "recognizer") + (("seed",) if system.seed is None else ()):
         mine, theirs = config[key], source_config[key]
         if isinstance(mine, ml_collections.ConfigDict):
             mine, theirs = mine.to_dict(), theirs.to_dict()
