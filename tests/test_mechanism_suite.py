@@ -42,8 +42,6 @@ def test_seeded_systems_share_seed_0s_pretraining_but_not_another_datasets():
     by_name = {s.name: s for s in systems}
     source, _ = suites_lib.pretrain_source(SUITE, by_name["m2net_cue_s2"], by_name, base)
     assert source.name == "baseline_cue"
-    wrong = {**by_name, "m2net_cue_s2": by_name["m2net_identical_s2"]}
-    wrong["m2net_identical_s2"] = by_name["m2net_identical_s2"]
     mixed = suites_lib.System(
         "mixed",
         "x",
@@ -56,6 +54,17 @@ def test_seeded_systems_share_seed_0s_pretraining_but_not_another_datasets():
     )
     with pytest.raises(ValueError, match="`data` configs differ"):
         suites_lib.pretrain_source(SUITE, mixed, {**by_name, "mixed": mixed}, base)
+    # Outside the study (no `seed` field) another seed is another pretraining: refused.
+    reseeded = suites_lib.System(
+        "reseeded",
+        "x",
+        "policy",
+        {"data.dataset": "geo_twins/32px", "seed": 1},
+        shares_pretrain="baseline_cue",
+        kind="m2net",
+    )
+    with pytest.raises(ValueError, match="`seed` configs differ"):
+        suites_lib.pretrain_source(SUITE, reseeded, {**by_name, "reseeded": reseeded}, base)
 
 
 def test_interval_is_the_student_t_interval_of_the_seeds():
