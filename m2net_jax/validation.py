@@ -309,7 +309,7 @@ def _check_curriculum(c: "_Checker", num_train_examples: int | None) -> None:
     if c.get("stages.policy.schedule") == "cosine":
         c.warning(
             "stages.policy.schedule",
-            "='cosine' decays the learning rate while the curriculum is still opening blocks "
+            "decays the learning rate while the curriculum is still opening blocks "
             "(BlockDrop keeps the policy stage's rate constant)",
             "set --config.stages.policy.schedule=constant",
         )

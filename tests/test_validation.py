@@ -264,7 +264,7 @@ def test_a_decaying_policy_learning_rate_is_a_warning():
     c = config_with(stages__policy__schedule="cosine")
     problems = validation.validate_config(c)
     assert problems.errors == []
-    assert any(w.startswith("config.stages.policy.schedule='cosine'") for w in problems.warnings)
+    assert "config.stages.policy.schedule='cosine' decays the learning rate" in problems.warnings[0]
     assert validation.validate_config(config_with()).warnings == []
 
 
