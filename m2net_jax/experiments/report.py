@@ -155,12 +155,7 @@ def _preamble(inputs: _Inputs, base_config, config_name: str) -> list[str]:
         f"({jax.device_count()} × {jax.devices()[0].device_kind}). "
         f"Base config {config_name}: {suite.description}",
         "",
-        f"Dataset `{base_config.data.dataset}` at {base_config.data.image_size} px; accuracy is "
-        "top-1 on its test split with the greedy policy. FLOPs per photo include the policy "
-        f"network (as the evaluation counts them), in {unit}. Pr = mean fraction of blocks run "
-        "(Eqn 7); "
-        "diversity = distinct policies over the test split. Minutes: the system's own "
-        "training and evaluation (a shared pretraining counts once, for the system that ran it).",
+        _conventions(suite, base_config, unit),
         "",
     ]
     if suite.trained is not None:
@@ -173,6 +168,24 @@ def _preamble(inputs: _Inputs, base_config, config_name: str) -> list[str]:
     if missing:
         lines += [f"Not finished (no results yet): {', '.join(missing)}.", ""]
     return lines
+
+
+def _conventions(suite: Suite, base_config, unit: str) -> str:
+    """What the report's columns mean."""
+    paper = suite.kind != "mechanism"
+    dataset = f"Dataset `{base_config.data.dataset}`" if paper else "Datasets: the two below"
+    text = (
+        f"{dataset} at {base_config.data.image_size} px; accuracy is top-1 on the test split with "
+        "the greedy policy. FLOPs per photo include the policy network (as the evaluation counts "
+        f"them), in {unit}. Pr = mean fraction of blocks run (Eqn 7); diversity = distinct "
+        "policies over the test split."
+    )
+    if paper:
+        text += (
+            " Minutes: the system's own training and evaluation (a shared pretraining counts "
+            "once, for the system that ran it)."
+        )
+    return text
 
 
 def _table_header(unit: str) -> list[str]:
