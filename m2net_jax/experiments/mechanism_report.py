@@ -77,14 +77,13 @@ def verdict(diff: Interval, *, greater_than: float = 0.0) -> str:
     return "not shown (the interval contains the null value)"
 
 
-def derived(result: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A system's results plus what the report compares: accuracy beyond its image-only
-    ceiling, and its FLOPs as a fraction of its dataset's full ResNet."""
+def derived(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A system's results plus what the report compares: accuracy beyond its image-only ceiling,
+    and its FLOPs per photo (policy network included) as a fraction of its full recognizer's."""
     out = dict(result)
     ceiling = result.get("image_only_ceiling")
     out["beyond_ceiling"] = None if ceiling is None else result["accuracy"] - ceiling
-    full = (baseline or result)["full_flops"]
-    out["flops_ratio"] = result["flops_mean"] / full
+    out["flops_ratio"] = result["flops_mean"] / result["full_flops"]
     return out
 
 
@@ -96,11 +95,13 @@ class _Study:
         self.by_key: dict[tuple, dict] = {}
         for system in systems:
             if results.get(system.name) is not None:
-                self.by_key[(system.kind, system.dataset, system.seed)] = results[system.name]
-        for key, result in list(self.by_key.items()):
-            self.by_key[key] = derived(result, self.by_key.get(("baseline", key[1], None)))
+                self.by_key[(system.kind, system.dataset, system.seed)] = derived(
+                    results[system.name]
+                )
 
     def values(self, kind: str, tag: str, metric: str) -> list:
+        """`metric` of each seed of a policy system (None where unfinished), or the one value of
+        a shared pretraining."""
         if kind in ("baseline", "plus_pretrain"):
             result = self.by_key.get((kind, tag, None))
             return [] if result is None else [result.get(metric)]
