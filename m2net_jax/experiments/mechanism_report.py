@@ -100,9 +100,9 @@ class _Study:
                 )
 
     def values(self, kind: str, tag: str, metric: str) -> list:
-        """`metric` of each seed of a policy system (None where unfinished), or the one value of
-        a shared pretraining."""
-        if kind in ("baseline", "plus_pretrain"):
+        """`metric` of each seed of a policy system (None where unfinished), or the baseline's
+        one value."""
+        if kind == "baseline":
             result = self.by_key.get((kind, tag, None))
             return [] if result is None else [result.get(metric)]
         return [self.by_key.get((kind, tag, s), {}).get(metric) for s in self.seeds]
