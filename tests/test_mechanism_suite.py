@@ -129,7 +129,7 @@ def test_report_judges_each_hypothesis_by_the_interval_of_its_seedwise_differenc
     finished = {
         s.name: results.read_results(os.path.join(workdir, s.name))[s.stages[-1]] for s in systems
     }
-    lines = mechanism_report.mechanism_sections(SUITE, systems, finished, report_dir)
+    lines = mechanism_report.mechanism_sections(systems, finished, report_dir)
     text = "\n".join(lines)
     verdicts = {
         row[2:4]: row.rsplit(" | ", 1)[1].rstrip(" |") for row in lines if row.startswith("| H")

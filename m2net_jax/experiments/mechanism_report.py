@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import scipy.stats
 
-from m2net_jax.experiments.suites import MECHANISM_DATASETS, MECHANISM_KINDS, Suite, System
+from m2net_jax.experiments.suites import MECHANISM_DATASETS, MECHANISM_KINDS, System
 
 POLICY_KINDS = ("blockdrop", "m2net", "remove_u", "m2net_plus")
 # (results key, column title, scale, format) of the per-system table.
@@ -107,21 +107,14 @@ class _Study:
             return [] if result is None else [result.get(metric)]
         return [self.by_key.get((kind, tag, s), {}).get(metric) for s in self.seeds]
 
-    def paired(
-        self,
-        metric: str,
-        tag: str,
-        first: str,
-        second: str | None = None,
-        transform: Callable | None = None,
-    ) -> Interval:
-        """Interval of first − second (or of `transform(first)`) over the seeds both finished."""
+    def paired(self, metric: str, tag: str, first: str, second: str) -> Interval:
+        """Interval of first − second over the seeds both finished."""
         diffs = []
         for seed in self.seeds:
             a = self.by_key.get((first, tag, seed), {}).get(metric)
-            b = 0.0 if second is None else self.by_key.get((second, tag, seed), {}).get(metric)
+            b = self.by_key.get((second, tag, seed), {}).get(metric)
             if a is not None and b is not None:
-                diffs.append((transform or (lambda v: v))(a - b))
+                diffs.append(a - b)
         return interval(diffs)
 
 
@@ -145,8 +138,8 @@ def _below(diff: Interval, bound: float) -> str:
 
 def hypotheses(study: _Study) -> list[tuple[str, str, str]]:
     """(hypothesis, measured interval, verdict) for H1–H5."""
-    m2net = study.paired("beyond_ceiling", "identical", "m2net")
-    blockdrop = study.paired("beyond_ceiling", "identical", "blockdrop")
+    m2net = interval(study.values("m2net", "identical", "beyond_ceiling"))
+    blockdrop = interval(study.values("blockdrop", "identical", "beyond_ceiling"))
     h1 = (
         "H1: on identical twins, M²Net's accuracy beats the image-only ceiling; BlockDrop's "
         "does not",
@@ -168,7 +161,9 @@ def hypotheses(study: _Study) -> list[tuple[str, str, str]]:
         f"M²Net − Remove-U {d1.text(1, '+.1f')}; Remove-U − Remove-MLP {d2.text(1, '+.1f')}",
         _both(verdict(d1), verdict(d2)),
     )
-    saved = study.paired("flops_ratio", "cue", "m2net", transform=lambda r: 1.0 - r)
+    saved = interval(
+        [1.0 - r for r in study.values("m2net", "cue", "flops_ratio") if r is not None]
+    )
     baseline = study.values("baseline", "cue", "accuracy")
     lost = interval(
         [baseline[0] - a for a in study.values("m2net", "cue", "accuracy") if a is not None]
@@ -190,7 +185,7 @@ def hypotheses(study: _Study) -> list[tuple[str, str, str]]:
 
 
 def mechanism_sections(
-    suite: Suite, systems: Sequence[System], results: Mapping[str, dict | None], report_dir: str
+    systems: Sequence[System], results: Mapping[str, dict | None], report_dir: str
 ) -> list[str]:
     """The report's tables, figure and hypotheses as markdown lines (the figure written too)."""
     study = _Study(systems, results)

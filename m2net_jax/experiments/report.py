@@ -97,7 +97,7 @@ def write_report(
     )
     lines = _preamble(inputs, base_config, config_name)
     if suite.kind == "mechanism":
-        lines += mechanism_sections(suite, systems, results_by_name, report_dir)
+        lines += mechanism_sections(systems, results_by_name, report_dir)
     else:
         lines += _table3_section(inputs)
         lines += _sweep_section(inputs)
