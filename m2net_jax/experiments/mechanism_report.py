@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from m2net_jax.experiments.suites import MECHANISM_DATASETS, MECHANISM_KINDS, System
+from m2net_jax.experiments.suites import (
+    CONVERGENCE_CHECK,
+    MECHANISM_DATASETS,
+    MECHANISM_KINDS,
+    PLATEAU_POINTS,
+    System,
+)
 
 POLICY_KINDS = ("blockdrop", "m2net", "remove_u", "m2net_plus")
 # (results key, column title, scale, format) of the per-system table.
@@ -214,7 +220,31 @@ def mechanism_sections(
     lines += [f"![Mean and 95 % interval over seeds per system and dataset]({figure})", ""]
     lines += ["## Hypotheses", "", "| hypothesis | measured | verdict |", "|---|---|---|"]
     lines += [f"| {h} | {m} | {v} |" for h, m, v in hypotheses(study)]
-    return lines + [""]
+    check = next((s for s in systems if s.name == CONVERGENCE_CHECK), None)
+    return lines + [""] + ([] if check is None else convergence_lines(study, check.label))
+
+
+def convergence_lines(study: _Study, label: str) -> list[str]:
+    """Is the baseline on its plateau? Its accuracy against the same recognizer pretrained twice
+    as long (one run each; the check passes within `PLATEAU_POINTS`)."""
+    [base] = study.values("baseline", "cue", "accuracy") or [None]
+    longer = study.by_key.get(("baseline_x2", "cue", None), {}).get("accuracy")
+    lines = ["## Convergence check", ""]
+    if base is None or longer is None:
+        return lines + ["Not finished: needs both the baseline and the longer run.", ""]
+    gain = 100 * (longer - base)
+    if gain <= PLATEAU_POINTS:
+        outcome = f"within {PLATEAU_POINTS:g} points: the baseline is on its plateau"
+    else:
+        outcome = (
+            f"more than {PLATEAU_POINTS:g} points: the baseline is **not** on its plateau, and "
+            "the study's comparisons are of under-trained recognizers"
+        )
+    return lines + [
+        f"Baseline ResNet on the default cue: {100 * base:.1f} %; {label}: {100 * longer:.1f} % "
+        f"({gain:+.1f} points, {outcome}).",
+        "",
+    ]
 
 
 def plot_intervals(study: _Study, path: str) -> None:

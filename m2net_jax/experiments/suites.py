@@ -47,6 +47,10 @@ MECHANISM_DATASETS = {
     "cue": ("geo_twins/32px", "geo_twins (default cue)"),
     "identical": ("geo_twins/32px_identical", "geo_twins, identical twins (twin_cue=0)"),
 }
+# The baseline pretrained twice as long: is the study's recognizer on its plateau? (Its accuracy
+# should be within `PLATEAU_POINTS` of this one's.)
+CONVERGENCE_CHECK = "baseline_cue_x2"
+PLATEAU_POINTS = 2.0
 # System kind → (label, config overrides, the pretraining it starts from).
 MECHANISM_KINDS = {
     "baseline": ("Baseline ResNet", {}, None),
@@ -165,6 +169,19 @@ SUITES = {
         ),
         kind="mechanism",
         seeds=(0, 1, 2),
+        # Sized to fit 150 minutes on a 2-core CPU (BUILD_NOTES.md, "The mechanism study"): the
+        # quickstart's ResNet-29 at width 8, pretrained with Adam (faster per epoch than SGD).
+        overrides={
+            "recognizer.width": 8,
+            "policy.width": 8,
+            "stages.pretrain.epochs": 28,
+            "stages.pretrain.optimizer": "adam",
+            "stages.pretrain.learning_rate": 3e-3,
+            "stages.pretrain.weight_decay": 0.0,
+            "stages.policy.epochs": 4,
+            "stages.finetune.epochs": 3,
+            "sampling.curriculum_epochs": 0.4,  # The 9 blocks all open after 3.2 of 4 epochs.
+        },
     ),
     "landmark420": Suite(
         name="landmark420",
@@ -184,7 +201,7 @@ SUITES = {
 def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[System]:
     """The suite's systems, in an order where every shared checkpoint exists before its use."""
     if suite.kind == "mechanism":
-        return mechanism_systems(suite)
+        return mechanism_systems(suite, base_config)
     depth = base_config.recognizer.depth
     main_baseline = f"baseline_r{depth}"
     systems = [
@@ -249,10 +266,11 @@ def suite_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[
     return systems
 
 
-def mechanism_systems(suite: Suite) -> list[System]:
+def mechanism_systems(suite: Suite, base_config: ml_collections.ConfigDict) -> list[System]:
     """The mechanism study's systems, per dataset: the baseline and M²Net+'s own pretraining
     (pretrain stage only, seed 0), then BlockDrop, M²Net, Remove-U and M²Net+ for every seed of
-    the suite, starting from the pretraining of their recognizer."""
+    the suite, starting from the pretraining of their recognizer; last, the convergence check:
+    the default-cue baseline pretrained for twice the epochs (`CONVERGENCE_CHECK`)."""
     systems = []
     for tag, (dataset, _) in MECHANISM_DATASETS.items():
         data = {"data.dataset": dataset}
@@ -288,6 +306,18 @@ def mechanism_systems(suite: Suite) -> list[System]:
                         seed=seed,
                     )
                 )
+    epochs = base_config.stages.pretrain.epochs
+    systems.append(
+        System(
+            CONVERGENCE_CHECK,
+            f"Baseline ResNet, {2 * epochs} pretraining epochs",
+            "baseline",
+            {"data.dataset": MECHANISM_DATASETS["cue"][0], "stages.pretrain.epochs": 2 * epochs},
+            stages=("pretrain",),
+            kind="baseline_x2",
+            dataset="cue",
+        )
+    )
     return systems
 
 
