@@ -102,6 +102,8 @@ def _hand_made(system):
     kind, identical = system.kind, system.dataset == "identical"
     if kind in ("baseline", "plus_pretrain"):
         return _result(0.60, 0.15, 100e6, 1, 0.0)
+    if kind == "baseline_x2":  # 1.5 points above the baseline: within the plateau's 2.
+        return _result(0.615, 0.15, 100e6, 1, 0.0)
     if kind == "m2net":  # 10 points above the ceiling on identical twins; 35 % fewer FLOPs.
         return _result(
             0.70 + d if identical else 0.60 + d, 0.60 if identical else 0.15, 65e6, 20 + d, 0.3 + d
@@ -144,3 +146,25 @@ def test_report_judges_each_hypothesis_by_the_interval_of_its_seedwise_differenc
     assert os.path.exists(os.path.join(report_dir, "mechanism_metrics.png"))
     # The baseline is one shared run: no interval.
     assert "| Baseline ResNet | 1 | 60.0 (1 run) |" in text
+    assert "+1.5 points, within 2 points: the baseline is on its plateau" in text
+
+
+def test_convergence_check_is_the_baseline_against_twice_the_pretraining():
+    systems = _systems()
+    check = next(s for s in systems if s.name == suites_lib.CONVERGENCE_CHECK)
+    base = suite_base_config(SUITE)
+    config = suites_lib.system_config(SUITE, check, base)
+    assert check is systems[-1] and check.stages == ("pretrain",)  # It runs last.
+    assert config.stages.pretrain.epochs == 2 * base.stages.pretrain.epochs
+    assert config.data.dataset == suites_lib.MECHANISM_DATASETS["cue"][0]
+    baseline = next(s for s in systems if s.name == "baseline_cue")
+    for longer, expected in ((0.619, "within 2 points"), (0.621, "more than 2 points")):
+        finished = {
+            baseline.name: _result(0.60, 0.15, 100e6, 1, 0.0),
+            check.name: _result(longer, 0.15, 100e6, 1, 0.0),
+        }
+        study = mechanism_report._Study(systems, finished)
+        [line] = [x for x in mechanism_report.convergence_lines(study, check.label) if "%" in x]
+        assert expected in line, line
+    study = mechanism_report._Study(systems, {baseline.name: _result(0.6, 0.15, 1e8, 1, 0.0)})
+    assert "Not finished" in "\n".join(mechanism_report.convergence_lines(study, check.label))

@@ -4,7 +4,7 @@
       --workdir=/tmp/m2net_quickstart
 
 Builds geo_twins if it is missing, trains the three stages (pretrain -> policy -> finetune),
-evaluates each on the test split and prints the table. Sized to finish within 15 minutes on a
+evaluates each on the test split and prints the table. Sized to finish in about 10 minutes on a
 2-core CPU (README states the measured time). Narrower than the paper's networks (width 16) so
 that it does; `m2net_jax/configs/r29.py:geo_twins` runs the full-width architecture.
 """
@@ -19,8 +19,6 @@ def get_config():
     c.recognizer.width = 16
     c.policy.width = 16
     c.stages.pretrain.update(epochs=8, batch_size=128, learning_rate=0.1, warmup_epochs=1)
-    # The curriculum opens one block per epoch: the policy decides the last 5 of 9 blocks by the
-    # end of this stage, and finetuning decides all of them.
     c.stages.policy.update(epochs=5, batch_size=128, learning_rate=1e-3)
     c.stages.finetune.update(epochs=3, batch_size=128, learning_rate=1e-4)
     c.sampling.curriculum_epochs = 0.5  # The 9 blocks all open after 4 of the 5 epochs.
