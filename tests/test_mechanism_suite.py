@@ -147,6 +147,8 @@ def test_report_judges_each_hypothesis_by_the_interval_of_its_seedwise_differenc
     # The baseline is one shared run: no interval.
     assert "| Baseline ResNet | 1 | 60.0 (1 run) |" in text
     assert "+1.5 points, within 2 points: the baseline is on its plateau" in text
+    # Identical twins: 60 % against the bound 0.15 / archetype accuracy (absent here: no line).
+    assert "Baseline ResNet on identical twins" not in text
 
 
 def test_convergence_check_is_the_baseline_against_twice_the_pretraining():
@@ -167,4 +169,18 @@ def test_convergence_check_is_the_baseline_against_twice_the_pretraining():
         [line] = [x for x in mechanism_report.convergence_lines(study, check.label) if "%" in x]
         assert expected in line, line
     study = mechanism_report._Study(systems, {baseline.name: _result(0.6, 0.15, 1e8, 1, 0.0)})
-    assert "Not finished" in "\n".join(mechanism_report.convergence_lines(study, check.label))
+    assert "not finished" in "\n".join(mechanism_report.convergence_lines(study, check.label))
+
+
+def test_identical_twins_baseline_is_checked_against_the_image_only_bound():
+    systems = _systems()
+    check = next(s for s in systems if s.name == suites_lib.CONVERGENCE_CHECK)
+    # 4 cities per archetype, archetype accuracy 0.96: ceiling 0.24, the bound 0.25 (1/4).
+    for accuracy, expected in (
+        (0.235, "1.5 points below, within 2"),
+        (0.2, "5.0 points below, more than 2"),
+    ):
+        identical = {**_result(accuracy, 0.24, 1e8, 1, 0.0), "archetype_accuracy": 0.96}
+        study = mechanism_report._Study(systems, {"baseline_identical": identical})
+        text = "\n".join(mechanism_report.convergence_lines(study, check.label))
+        assert "can exceed 25.0 %" in text and expected in text, text

@@ -229,20 +229,38 @@ def convergence_lines(study: _Study, label: str) -> list[str]:
     as long (one run each; the check passes within `PLATEAU_POINTS`)."""
     [base] = study.values("baseline", "cue", "accuracy") or [None]
     longer = study.by_key.get(("baseline_x2", "cue", None), {}).get("accuracy")
-    lines = ["## Convergence check", ""]
     if base is None or longer is None:
-        return lines + ["Not finished: needs both the baseline and the longer run.", ""]
-    gain = 100 * (longer - base)
-    if gain <= PLATEAU_POINTS:
-        outcome = f"within {PLATEAU_POINTS:g} points: the baseline is on its plateau"
+        cue = "Default cue: not finished (needs the baseline and the longer run)."
     else:
-        outcome = (
-            f"more than {PLATEAU_POINTS:g} points: the baseline is **not** on its plateau, and "
-            "the study's comparisons are of under-trained recognizers"
+        gain = 100 * (longer - base)
+        if gain <= PLATEAU_POINTS:
+            outcome = f"within {PLATEAU_POINTS:g} points: the baseline is on its plateau"
+        else:
+            outcome = (
+                f"more than {PLATEAU_POINTS:g} points: the baseline is **not** on its plateau, "
+                "and the study's comparisons are of under-trained recognizers"
+            )
+        cue = (
+            f"Baseline ResNet on the default cue: {100 * base:.1f} %; {label}: "
+            f"{100 * longer:.1f} % ({gain:+.1f} points, {outcome})."
         )
-    return lines + [
-        f"Baseline ResNet on the default cue: {100 * base:.1f} %; {label}: {100 * longer:.1f} % "
-        f"({gain:+.1f} points, {outcome}).",
+    return ["## Convergence check", "", cue, "", *_identical_bound_lines(study)]
+
+
+def _identical_bound_lines(study: _Study) -> list[str]:
+    """On identical twins no longer run is needed: an image-only system's accuracy is at most
+    its image-only ceiling with every archetype right, ceiling ÷ archetype accuracy."""
+    result = study.by_key.get(("baseline", "identical", None))
+    if not result or not result.get("archetype_accuracy"):
+        return []
+    bound = result["image_only_ceiling"] / result["archetype_accuracy"]
+    gap = 100 * (bound - result["accuracy"])
+    within = "within" if gap <= PLATEAU_POINTS else "more than"
+    return [
+        f"Baseline ResNet on identical twins: {100 * result['accuracy']:.1f} %, where no "
+        f"image-only system can exceed {100 * bound:.1f} % (every archetype right, one twin city "
+        f"guessed among its archetype's): {gap:.1f} points below, {within} {PLATEAU_POINTS:g} "
+        "points of what any longer training could reach.",
         "",
     ]
 
